@@ -1,0 +1,51 @@
+"""Lightning callbacks of the suite."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+
+from src.utils import atomic_write_json
+
+
+class ProgressFile(pl.Callback):
+    """Writes ``progress.json`` (step, max_steps, elapsed seconds, last val mIoU) into the run directory.
+
+    The benchmark runner reads it to show which run is going, its step and ETA. Written
+    atomically every ``every_n_steps`` steps and after each validation, by rank 0 only.
+    """
+
+    def __init__(self, every_n_steps: int = 10) -> None:
+        self.every_n_steps = every_n_steps
+        self._start = time.time()
+        self._start_step = 0
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._start, self._start_step = time.time(), trainer.global_step
+        self._write(trainer)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        if trainer.global_step % self.every_n_steps == 0:
+            self._write(trainer)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._write(trainer)
+
+    def _write(self, trainer: pl.Trainer) -> None:
+        if not trainer.is_global_zero:
+            return
+        miou = trainer.callback_metrics.get("val/miou")
+        atomic_write_json(
+            Path(trainer.log_dir or trainer.default_root_dir) / "progress.json",
+            {
+                "step": int(trainer.global_step),
+                "max_steps": int(trainer.max_steps),
+                "start_step": self._start_step,
+                "elapsed_s": time.time() - self._start,
+                "val_miou": None if miou is None else float(miou),
+            },
+        )

@@ -1,0 +1,3 @@
+from src.datamodules.semi_supervised import SemiSupervisedDataModule, SupervisedDataModule
+
+__all__ = ["SemiSupervisedDataModule", "SupervisedDataModule"]

@@ -1,0 +1,260 @@
+"""The one datamodule of the suite: labeled and unlabeled training streams plus evaluation.
+
+Training is counted in steps. Each training stream is an independent infinite random
+sampler (5 labeled images are cycled, never exhausted): the train loader is a dict
+``{"labeled": ..., "unlabeled": ...}`` whose batches Lightning zips together. Methods that
+need no unlabeled data (``uses_unlabeled = False`` on the LightningModule) get only the
+labeled stream, so the supervised baseline pays nothing for the other.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from src.datamodules.transforms import eval_transform, labeled_transform, unlabeled_transform
+from src.datasets import DatasetError, SegmentationDataset, get_dataset
+from src.datasets.splits import partial_mask, partial_rng, select_labeled, write_split
+from src.datasets.views import LabeledView, UnlabeledView, pad_collate
+
+PARTIAL_MODES = ("p0", "p1", "p5", "p25")
+
+
+class InfiniteSampler(Sampler[int]):
+    """Random permutations of ``range(num_items)`` back to back, ``num_samples`` indices in all.
+
+    Every item is seen once per pass before any repeats (a tighter cycle than sampling with
+    replacement); the permutation stream depends only on ``seed``.
+    """
+
+    def __init__(self, num_items: int, num_samples: int, seed: int) -> None:
+        if num_items < 1:
+            raise ValueError("InfiniteSampler needs at least one item")
+        self.num_items = num_items
+        self.num_samples = num_samples
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed)
+        emitted = 0
+        while emitted < self.num_samples:
+            perm = torch.randperm(self.num_items, generator=generator)[: self.num_samples - emitted]
+            emitted += len(perm)
+            yield from perm.tolist()
+
+
+class PartialLabels:
+    """Mask hook for partial-label mode: the sparse mask of image ``index`` under ``seed``.
+
+    A picklable object (data-loader workers copy it); deterministic per (seed, index).
+    """
+
+    def __init__(self, mode: str, seed: int, ignore_index: int) -> None:
+        self.mode, self.seed, self.ignore_index = mode, seed, ignore_index
+
+    def __call__(self, mask: np.ndarray, index: int) -> np.ndarray:
+        return partial_mask(mask, self.mode, partial_rng(self.seed, index), ignore_index=self.ignore_index)
+
+
+class SemiSupervisedDataModule(pl.LightningDataModule):
+    """Labeled and unlabeled streams from one dataset's train split, a label budget, evaluation loaders.
+
+    Args:
+        dataset: Dataset name: ``synthetic`` (embedded, default), ``folder``, ``pascal_voc``, ``cityscapes``.
+        root: Dataset folder (not needed for ``synthetic``).
+        dataset_options: Extra keyword arguments of the dataset class (e.g. ``image_size`` for synthetic).
+        num_labeled: Labeled images taken from the train pool; the rest is the unlabeled pool.
+            0 means every image with a label is labeled (full supervision).
+        split_strategy: ``random`` or ``balanced`` (ReCo's greedy class-balanced rule).
+        min_unique: For ``balanced``: least number of classes a chosen image must show.
+        split_file: A file of labeled ids (e.g. a community split list); overrides the sampling rule.
+        partial_labels: None, or ``p0``/``p1``/``p5``/``p25``: train on sparse labels of every image.
+        seed: Seed of the label split and partial labels (the CLI links it to ``seed_everything``).
+        crop_size: Side of the square training crops; also the sliding-window size.
+        scale_range: Random rescale range of labeled training images.
+        batch_size_labeled: Labeled images per step.
+        batch_size_unlabeled: Unlabeled images per step (methods that use them).
+        val_batch_size: Images per evaluation batch (padded to the largest; padding is ignored).
+        num_workers: Data-loader worker processes per loader.
+        eval_resize: None to evaluate at full size, or the longest side to resize eval images to.
+        val_split: Split used for validation.
+        test_split: Split used by ``test``.
+    """
+
+    def __init__(
+        self,
+        dataset: str = "synthetic",
+        root: str | None = None,
+        dataset_options: dict[str, Any] | None = None,
+        num_labeled: int = 15,
+        split_strategy: str = "random",
+        min_unique: int = 1,
+        split_file: str | None = None,
+        partial_labels: str | None = None,
+        seed: int = 0,
+        crop_size: int = 64,
+        scale_range: tuple[float, float] = (0.75, 1.25),
+        batch_size_labeled: int = 8,
+        batch_size_unlabeled: int = 8,
+        val_batch_size: int = 16,
+        num_workers: int = 2,
+        eval_resize: int | None = None,
+        val_split: str = "val",
+        test_split: str = "test",
+    ) -> None:
+        super().__init__()
+        if partial_labels is not None and partial_labels not in PARTIAL_MODES:
+            raise ValueError(f"data.partial_labels={partial_labels!r}; expected None or one of {PARTIAL_MODES}")
+        for name, value in (("crop_size", crop_size), ("batch_size_labeled", batch_size_labeled),
+                            ("batch_size_unlabeled", batch_size_unlabeled), ("val_batch_size", val_batch_size)):
+            if value < 1:
+                raise ValueError(f"data.{name} must be >= 1, got {value}")
+        if num_workers < 0:
+            raise ValueError(f"data.num_workers must be >= 0, got {num_workers}")
+        self.save_hyperparameters()
+        self.dataset_name = dataset
+        self.dataset_kwargs = {"root": root, **(dataset_options or {})}
+        self.train_set = self._make_dataset("train")
+        self.num_classes = self.train_set.num_classes
+        self.ignore_index = self.train_set.ignore_index
+        self.class_names = list(self.train_set.classes)
+        self.labeled_indices: list[int] = []
+        self.unlabeled_indices: list[int] = []
+
+    def _make_dataset(self, split: str) -> SegmentationDataset:
+        if self.dataset_name != "synthetic" and self.dataset_kwargs.get("root") is None:
+            raise DatasetError(f"data.root is required for dataset {self.dataset_name!r} (the folder that holds it)")
+        return get_dataset(self.dataset_name, split=split, **self.dataset_kwargs)
+
+    # ---------------------------------------------------------------- setup
+    def setup(self, stage: str) -> None:
+        hp = self.hparams
+        if stage == "fit" and not self.labeled_indices:
+            if hp.partial_labels is not None:
+                # Partial-label mode trains on every labeled image in both streams (METHODS.md 1.3).
+                labeled, _ = select_labeled(self.train_set, 0)
+                unlabeled = list(range(len(self.train_set)))
+                source = f"partial labels {hp.partial_labels}"
+            else:
+                labeled, unlabeled = select_labeled(
+                    self.train_set,
+                    hp.num_labeled,
+                    strategy=hp.split_strategy,
+                    seed=hp.seed,
+                    min_unique=hp.min_unique,
+                    split_file=hp.split_file,
+                )
+                source = hp.split_file or hp.split_strategy
+            self.labeled_indices, self.unlabeled_indices = labeled, unlabeled
+            run_dir = self._run_dir()
+            if run_dir is not None:
+                write_split(
+                    run_dir,
+                    self.train_set,
+                    labeled,
+                    unlabeled,
+                    {"dataset": self.dataset_name, "source": source, "strategy": hp.split_strategy,
+                     "seed": hp.seed, "num_labeled": hp.num_labeled, "partial_labels": hp.partial_labels},
+                )
+        if stage in ("fit", "validate"):
+            self.val_set = self._make_dataset(hp.val_split)
+        if stage == "test":
+            self.test_set = self._make_dataset(hp.test_split)
+        if stage == "predict":
+            self.val_set = self._make_dataset(hp.val_split)
+
+    def _run_dir(self) -> Path | None:
+        trainer = getattr(self, "trainer", None)
+        if trainer is None or not trainer.is_global_zero:
+            return None
+        return Path(trainer.log_dir or trainer.default_root_dir)
+
+    # ---------------------------------------------------------------- loaders
+    def _mask_hook(self) -> PartialLabels | None:
+        if self.hparams.partial_labels is None:
+            return None
+        return PartialLabels(self.hparams.partial_labels, self.hparams.seed, self.ignore_index)
+
+    def _stream(self, view: torch.utils.data.Dataset, batch_size: int, num_steps: int, seed: int) -> DataLoader:
+        workers = self.hparams.num_workers
+        return DataLoader(
+            view,
+            batch_size=batch_size,
+            sampler=InfiniteSampler(len(view), num_steps * batch_size, seed),
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            pin_memory=torch.cuda.is_available(),
+            drop_last=True,
+        )
+
+    def _num_steps(self) -> int:
+        trainer = getattr(self, "trainer", None)
+        max_steps = trainer.max_steps if trainer is not None else -1
+        if max_steps is None or max_steps < 1:
+            raise ValueError("trainer.max_steps must be set (training is counted in steps), e.g. --trainer.max_steps 1500")
+        # Lightning also calls the loader after a resume: any length >= the remaining steps works.
+        return max_steps
+
+    def train_dataloader(self) -> dict[str, DataLoader]:
+        hp = self.hparams
+        steps = self._num_steps()
+        rank = self.trainer.global_rank if getattr(self, "trainer", None) is not None else 0
+        # Distinct seeds per stream and per rank: every rank and stream draws its own order.
+        seed = hp.seed * 1000 + rank * 2
+        labeled = LabeledView(
+            self.train_set,
+            self.labeled_indices,
+            labeled_transform(hp.crop_size, tuple(hp.scale_range)),
+            mask_hook=self._mask_hook(),
+        )
+        loaders = {"labeled": self._stream(labeled, hp.batch_size_labeled, steps, seed)}
+        if self.wants_unlabeled():
+            if not self.unlabeled_indices:
+                raise DatasetError(
+                    f"the unlabeled pool is empty (num_labeled={hp.num_labeled} takes every image of the train split); "
+                    "use a smaller data.num_labeled or a supervised method"
+                )
+            unlabeled = UnlabeledView(
+                self.train_set, self.unlabeled_indices, unlabeled_transform(hp.crop_size), mask_hook=self._mask_hook()
+            )
+            loaders["unlabeled"] = self._stream(unlabeled, hp.batch_size_unlabeled, steps, seed + 1)
+        return loaders
+
+    def wants_unlabeled(self) -> bool:
+        """Whether the attached LightningModule trains on the unlabeled stream (``uses_unlabeled``)."""
+        module = getattr(getattr(self, "trainer", None), "lightning_module", None)
+        return bool(getattr(module, "uses_unlabeled", True))
+
+    def _eval_loader(self, dataset: SegmentationDataset) -> DataLoader:
+        view = LabeledView(dataset, range(len(dataset)), eval_transform(self.hparams.eval_resize))
+        return DataLoader(
+            view,
+            batch_size=self.hparams.val_batch_size,
+            shuffle=False,
+            num_workers=self.hparams.num_workers,
+            persistent_workers=self.hparams.num_workers > 0,
+            collate_fn=pad_collate,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader(self.val_set)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader(self.test_set)
+
+
+
+class SupervisedDataModule(SemiSupervisedDataModule):
+    """The same data with the labeled stream only, whatever the module asks for (baseline family)."""
+
+    def wants_unlabeled(self) -> bool:
+        return False

@@ -1,0 +1,345 @@
+"""The base LightningModule: everything methods share, so a method only writes its losses.
+
+`SemiSupervisedModule` owns the student network, the optional EMA teacher, an optional
+representation head, the optimizer and poly LR schedule, evaluation (mIoU and per-class
+IoU at the last and the best validation, whole-image or sliding-window), TensorBoard
+logging and the best-score bookkeeping. A method subclasses it and implements
+`compute_losses(batch) -> {"loss": ..., other logged entries}`.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from pytorch_lightning.cli import OptimizerCallable
+from torch import Tensor, nn
+from torchmetrics.classification import MulticlassConfusionMatrix
+
+from src.networks import RepresentationHead, Segmenter
+from src.pl_modules.ops import ema_decay, ema_update
+from src.pl_modules.visualize import prediction_grid
+
+TEACHER_BN_MODES = ("train", "eval")
+EVAL_MODES = ("whole", "sliding")
+
+
+def sgd_nesterov(params: Any) -> torch.optim.Optimizer:
+    """The protocol's optimizer (METHODS.md 1.6): SGD, momentum 0.9, Nesterov, weight decay 5e-4."""
+    return torch.optim.SGD(params, lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
+
+
+def iou_from_confusion(confusion: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-class IoU (NaN for classes absent from both GT and prediction) and pixel accuracy.
+
+    ``confusion[t, p]`` counts pixels of true class t predicted as p.
+    """
+    confusion = confusion.double()
+    tp = confusion.diagonal()
+    union = confusion.sum(0) + confusion.sum(1) - tp
+    iou = torch.where(union > 0, tp / union.clamp(min=1), torch.full_like(tp, float("nan")))
+    accuracy = tp.sum() / confusion.sum().clamp(min=1)
+    return iou, accuracy
+
+
+class SemiSupervisedModule(pl.LightningModule):
+    """Base of every method: networks, EMA teacher, optimizer, evaluation and logging.
+
+    Args:
+        num_classes: Number of classes (linked from the datamodule by the CLI).
+        ignore_index: Label of unlabeled pixels (linked from the datamodule).
+        class_names: Names for per-class IoU logs (linked from the datamodule).
+        arch: smp architecture, e.g. ``DeepLabV3Plus`` or ``Unet``.
+        encoder_name: smp encoder (``resnet18``) or timm encoder (``tu-resnet10t``).
+        encoder_weights: None (random init) or the path of a local encoder weights file.
+        model_options: Extra keyword arguments of the smp architecture.
+        optimizer: Optimizer factory applied to the trainable parameters (never the teacher's).
+        lr_power: Exponent of the poly schedule ``lr * (1 - step / max_steps) ** lr_power``, stepped per step.
+        min_lr_ratio: Floor of the poly factor (ReCo floors the lr at 1e-6 of 2.5e-3).
+        ema_decay: Upper bound alpha of the EMA decay ``min(1 - 1/(step+1), alpha)`` (methods with a teacher).
+        teacher_bn: BatchNorm mode of the teacher when it makes pseudo-labels: ``train`` (batch statistics,
+            ReCo's reference semantics, METHODS.md 3) or ``eval`` (running statistics).
+        eval_teacher: Report the teacher as ``val/miou`` when there is one (the paper's choice); the student's
+            score is logged as ``val/miou_student`` either way.
+        eval_mode: ``whole`` (full image at once) or ``sliding`` (windows of ``eval_window``, stride 2/3 of it).
+        eval_window: Sliding-window size (the CLI links it to the training crop size).
+        log_images_every_n_val: Log an image | ground truth | prediction grid every N validations (0 = never).
+        num_log_images: Rows in that grid.
+        representation_dim: Output dimension of the representation head (methods that use one).
+        scale_range: Random rescale range of batch-level augmentation of unlabeled images (the CLI links
+            ``data.scale_range``, the labeled images' range, as the reference does).
+    """
+
+    name = "base"
+    uses_teacher = False
+    uses_unlabeled = False
+    uses_representation = False
+
+    def __init__(
+        self,
+        num_classes: int = 8,
+        ignore_index: int = 255,
+        class_names: list[str] | None = None,
+        arch: str = "DeepLabV3Plus",
+        encoder_name: str = "resnet18",
+        encoder_weights: str | None = None,
+        model_options: dict[str, Any] | None = None,
+        optimizer: OptimizerCallable = sgd_nesterov,
+        lr_power: float = 0.9,
+        min_lr_ratio: float = 4e-4,
+        ema_decay: float = 0.99,
+        teacher_bn: str = "train",
+        eval_teacher: bool = True,
+        eval_mode: str = "whole",
+        eval_window: int = 64,
+        log_images_every_n_val: int = 5,
+        num_log_images: int = 4,
+        representation_dim: int = 256,
+        scale_range: tuple[float, float] = (0.75, 1.25),
+    ) -> None:
+        super().__init__()
+        if teacher_bn not in TEACHER_BN_MODES:
+            raise ValueError(f"model.teacher_bn={teacher_bn!r}; expected one of {TEACHER_BN_MODES}")
+        if eval_mode not in EVAL_MODES:
+            raise ValueError(f"model.eval_mode={eval_mode!r}; expected one of {EVAL_MODES}")
+        if not 0.0 <= ema_decay <= 1.0:
+            raise ValueError(f"model.ema_decay must be in [0, 1], got {ema_decay}")
+        if class_names is not None and len(class_names) != num_classes:
+            raise ValueError(f"model.class_names has {len(class_names)} names for num_classes={num_classes}")
+        self.save_hyperparameters(ignore=["optimizer"])
+        self.optimizer_factory = optimizer
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        self.class_names = list(class_names) if class_names else [str(c) for c in range(num_classes)]
+
+        self.student = Segmenter(num_classes, arch, encoder_name, encoder_weights, model_options)
+        self.rep_head = (
+            RepresentationHead(self.student.feature_channels, representation_dim) if self.uses_representation else None
+        )
+        self.teacher: Segmenter | None = None
+        if self.uses_teacher:
+            self.teacher = copy.deepcopy(self.student).requires_grad_(False)
+            self.set_teacher_mode()
+
+        roles = ["student"] + (["teacher"] if self.teacher is not None else [])
+        self.val_confusions = nn.ModuleDict(
+            {role: MulticlassConfusionMatrix(num_classes, ignore_index=ignore_index) for role in roles}
+        )
+        self.test_confusion = MulticlassConfusionMatrix(num_classes, ignore_index=ignore_index)
+        self.best_miou = float("nan")
+        self.best_step = -1
+        self._num_validations = 0
+        self._val_preview: list[tuple[Tensor, Tensor, Tensor]] = []
+        self.scale_range = (float(scale_range[0]), float(scale_range[1]))
+
+    # ------------------------------------------------------------------ networks
+    def forward(self, images: Tensor) -> Tensor:
+        """Logits of the evaluated network (teacher if reported, else student) for [0, 1] images."""
+        return self.eval_network()(images)
+
+    def eval_network(self) -> Segmenter:
+        if self.teacher is not None and self.hparams.eval_teacher:
+            return self.teacher
+        return self.student
+
+    def set_teacher_mode(self) -> None:
+        """Put the teacher in its configured BN mode (Lightning restores module modes after validation)."""
+        if self.teacher is not None:
+            self.teacher.train(self.hparams.teacher_bn == "train")
+
+    @torch.no_grad()
+    def teacher_predict(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Teacher probabilities (B, C, H, W), confidences (B, H, W) and pseudo-labels (B, H, W)."""
+        if self.teacher is None:
+            raise RuntimeError(f"{type(self).__name__} has no teacher (uses_teacher = False)")
+        self.set_teacher_mode()
+        probs = self.teacher(images).float().softmax(dim=1)
+        confidences, pseudo_labels = probs.max(dim=1)
+        return probs, confidences, pseudo_labels
+
+    def supervised_loss(self, logits: Tensor, masks: Tensor) -> Tensor:
+        """Mean cross-entropy over labeled pixels; 0 (graph kept) if a batch has none (sparse labels)."""
+        if not (masks != self.ignore_index).any():
+            return logits.sum() * 0.0
+        return F.cross_entropy(logits.float(), masks, ignore_index=self.ignore_index)
+
+    # ------------------------------------------------------------------ training
+    def compute_losses(self, batch: dict[str, dict[str, Tensor]]) -> dict[str, Tensor]:
+        """Losses of one step: ``"loss"`` is optimised, every entry is logged as ``train/<key>``."""
+        raise NotImplementedError(f"{type(self).__name__} must implement compute_losses")
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """uint8 images from the loaders become float [0, 1] on the device."""
+        return _images_to_float(batch)
+
+    def training_step(self, batch: dict[str, dict[str, Tensor]], batch_idx: int) -> Tensor:
+        losses = self.compute_losses(batch)
+        batch_size = batch["labeled"]["image"].shape[0]
+        self.log("train/loss", losses["loss"], prog_bar=True, batch_size=batch_size)
+        self.log_dict(
+            {f"train/{k}": v.detach() for k, v in losses.items() if k != "loss"}, batch_size=batch_size
+        )
+        return losses["loss"]
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.teacher is not None:
+            # global_step counts optimizer steps already taken: the step just done is t = global_step - 1.
+            ema_update(self.teacher, self.student, ema_decay(self.global_step - 1, self.hparams.ema_decay))
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Every parameter the optimizer updates: all but the teacher's."""
+        return [p for n, p in self.named_parameters() if not n.startswith("teacher.") and p.requires_grad]
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer = self.optimizer_factory(self.trainable_parameters())
+        total = max(int(self.trainer.max_steps), 1)
+        power, floor = self.hparams.lr_power, self.hparams.min_lr_ratio
+
+        def poly(step: int) -> float:
+            return max((1.0 - min(step, total) / total) ** power, floor)
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def predict_logits(self, network: nn.Module, images: Tensor) -> Tensor:
+        """Logits for whole images, or by sliding window (window = crop, stride 2/3, softmax averaged)."""
+        if self.hparams.eval_mode == "whole":
+            return network(images)
+        return sliding_window_logits(network, images, self.hparams.eval_window, self.num_classes)
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        images, masks = batch["image"], batch["mask"]
+        reported = "teacher" if self.eval_network() is self.teacher else "student"
+        for role, confusion in self.val_confusions.items():
+            predictions = self.predict_logits(getattr(self, role), images).argmax(dim=1)
+            confusion.update(predictions, masks)
+            if role == reported and batch_idx == 0 and self._should_log_images():
+                n = self.hparams.num_log_images
+                self._val_preview = [(images[:n].cpu(), masks[:n].cpu(), predictions[:n].cpu())]
+
+    def on_validation_epoch_end(self) -> None:
+        scores = {}
+        for role, confusion in self.val_confusions.items():
+            scores[role] = iou_from_confusion(confusion.compute())
+            confusion.reset()
+        if self.trainer.sanity_checking:
+            return
+        reported = "teacher" if self.eval_network() is self.teacher else "student"
+        iou, accuracy = scores[reported]
+        miou = _mean_iou(iou)
+        self._num_validations += 1
+        if math.isnan(self.best_miou) or miou > self.best_miou:
+            self.best_miou, self.best_step = miou, int(self.global_step)
+        self.log("val/miou", miou, prog_bar=True)
+        self.log("val/miou_best", self.best_miou)
+        self.log("val/pixel_acc", float(accuracy) * 100)
+        if self.teacher is not None:
+            self.log_dict({f"val/miou_{role}": _mean_iou(role_iou) for role, (role_iou, _) in scores.items()})
+        self.log_dict({f"val/iou/{name}": v * 100 for name, v in zip(self.class_names, iou.nan_to_num(0.0).tolist())})
+        self.last_val_iou = iou
+        if self._val_preview:
+            rows = list(self._val_preview)
+            example = getattr(self, "_train_example", None)
+            if example is not None:  # unlabeled image | pseudo-label | student prediction
+                rows.append((example[0].cpu(), example[1].cpu(), example[2].argmax(dim=1).cpu()))
+            self._log_grid("val/predictions", rows)
+            self._val_preview = []
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        logits = self.predict_logits(self.eval_network(), batch["image"])
+        self.test_confusion.update(logits.argmax(dim=1), batch["mask"])
+
+    def on_test_epoch_end(self) -> None:
+        iou, accuracy = iou_from_confusion(self.test_confusion.compute())
+        self.test_confusion.reset()
+        self.log("test/miou", _mean_iou(iou))
+        self.log("test/pixel_acc", float(accuracy) * 100)
+        self.log_dict({f"test/iou/{name}": v * 100 for name, v in zip(self.class_names, iou.nan_to_num(0.0).tolist())})
+        self.last_test_iou = iou
+
+    def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        return self.predict_logits(self.eval_network(), batch["image"]).argmax(dim=1)
+
+    # ------------------------------------------------------------------ logging helpers
+    def remember_unlabeled(self, images: Tensor, pseudo_labels: Tensor, logits: Tensor) -> None:
+        """Keep one unlabeled image, its pseudo-label and the student's logits for the image grid.
+
+        Only references are kept (no copy, no device sync); they are coloured at logging time.
+        """
+        if self.hparams.log_images_every_n_val > 0:
+            self._train_example = (images[:1].detach(), pseudo_labels[:1].detach(), logits[:1].detach())
+
+
+    def _should_log_images(self) -> bool:
+        every = self.hparams.log_images_every_n_val
+        logger = self.logger
+        return (
+            every > 0
+            and logger is not None
+            and hasattr(logger.experiment, "add_image")
+            and not self.trainer.sanity_checking
+            and self._num_validations % every == 0
+        )
+
+    def _log_grid(self, tag: str, rows: list[tuple[Tensor, Tensor, Tensor]]) -> None:
+        grid = prediction_grid(rows, self.num_classes, self.ignore_index)
+        self.logger.experiment.add_image(tag, grid, self.global_step)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["method"] = self.name
+        checkpoint["best_miou"] = self.best_miou
+        checkpoint["best_step"] = self.best_step
+        checkpoint["num_validations"] = self._num_validations
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.best_miou = checkpoint.get("best_miou", float("nan"))
+        self.best_step = checkpoint.get("best_step", -1)
+        self._num_validations = checkpoint.get("num_validations", 0)
+
+
+def _mean_iou(iou: Tensor) -> float:
+    """Mean over classes present in GT or prediction, in percent (0 if none is)."""
+    return 0.0 if torch.isnan(iou).all() else float(torch.nanmean(iou)) * 100
+
+
+def _images_to_float(batch: Any) -> Any:
+    if isinstance(batch, dict):
+        return {
+            k: (v.float().div_(255) if k == "image" and v.dtype == torch.uint8 else _images_to_float(v))
+            for k, v in batch.items()
+        }
+    return batch
+
+
+@torch.no_grad()
+def sliding_window_logits(network: nn.Module, images: Tensor, window: int, num_classes: int) -> Tensor:
+    """Average of softmax scores over windows of side ``window`` with stride ceil(2/3 window).
+
+    Images smaller than the window are predicted whole. Returns (B, C, H, W) scores.
+    """
+    batch, _, height, width = images.shape
+    if height <= window and width <= window:
+        return network(images)
+    stride = math.ceil(window * 2 / 3)
+    scores = images.new_zeros(batch, num_classes, height, width)
+    counts = images.new_zeros(1, 1, height, width)
+    win_h, win_w = min(window, height), min(window, width)
+    tops = list(range(0, max(height - win_h, 0) + 1, stride))
+    lefts = list(range(0, max(width - win_w, 0) + 1, stride))
+    # The last window is flush with the border so every pixel is covered.
+    if tops[-1] != height - win_h:
+        tops.append(height - win_h)
+    if lefts[-1] != width - win_w:
+        lefts.append(width - win_w)
+    for top in tops:
+        for left in lefts:
+            crop = images[:, :, top : top + win_h, left : left + win_w]
+            scores[:, :, top : top + win_h, left : left + win_w] += network(crop).float().softmax(dim=1)
+            counts[:, :, top : top + win_h, left : left + win_w] += 1
+    return scores / counts

@@ -1,0 +1,146 @@
+"""Single runs: ``python -m src.train fit --config configs/supervised.yaml [--data.num_labeled 15 ...]``.
+
+A LightningCLI over any method (``model.class_path``) and the one datamodule. The CLI
+links the dataset's class count, ignore index and class names into the model, the crop
+size into the sliding-window size, and ``seed_everything`` into the label split's seed.
+After ``fit`` it prints the validation mIoU and where the logs and checkpoints are, and
+writes ``metrics.json`` into the run directory (atomically).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
+from pytorch_lightning.cli import LightningCLI
+
+import src.pl_modules  # noqa: F401  (registers every method for short class_path names)
+from src.callbacks import ProgressFile
+from src.datamodules import SemiSupervisedDataModule
+from src.pl_modules import SemiSupervisedModule
+from src.utils import AtomicCheckpointIO, atomic_write_json
+
+
+class SemiSegCLI(LightningCLI):
+    """LightningCLI with the suite's links, checkpointing defaults and run summary."""
+
+    def add_arguments_to_parser(self, parser: Any) -> None:
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults(
+            {
+                "checkpoint.monitor": "val/miou",
+                "checkpoint.mode": "max",
+                "checkpoint.filename": "best",
+                "checkpoint.save_last": True,
+                "checkpoint.auto_insert_metric_name": False,
+            }
+        )
+        parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
+        parser.set_defaults({"lr_monitor.logging_interval": "step"})
+        parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
+        parser.link_arguments("data.ignore_index", "model.init_args.ignore_index", apply_on="instantiate")
+        parser.link_arguments("data.class_names", "model.init_args.class_names", apply_on="instantiate")
+        parser.link_arguments("data.crop_size", "model.init_args.eval_window")
+        parser.link_arguments("data.scale_range", "model.init_args.scale_range")
+        parser.link_arguments("seed_everything", "data.seed", compute_fn=_seed_value)
+
+    def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
+        trainer = super().instantiate_trainer(**kwargs)
+        trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        trainer.callbacks.append(ProgressFile())
+        return trainer
+
+    def before_fit(self) -> None:
+        self._fit_started = time.time()
+
+    def after_fit(self) -> None:
+        summary = run_summary(self.trainer, self.model, time.time() - self._fit_started)
+        if self.trainer.is_global_zero:
+            atomic_write_json(Path(summary["run_dir"]) / "metrics.json", summary)
+            print(
+                f"\nval mIoU: {summary['val_miou_last']:.2f} (last step), {summary['val_miou_best']:.2f} "
+                f"(best, step {summary['best_step']})\n"
+                f"TensorBoard logs: {summary['run_dir']}  (tensorboard --logdir {summary['run_dir']})\n"
+                f"checkpoints: {summary['best_checkpoint']} (best), {summary['last_checkpoint']} (last)",
+                flush=True,
+            )
+
+
+def _seed_value(seed: Any) -> int:
+    return int(seed) if not isinstance(seed, bool) else 0
+
+
+def run_summary(trainer: pl.Trainer, model: SemiSupervisedModule, wall_time_s: float) -> dict[str, Any]:
+    """Final and best validation metrics of a finished fit, and where its files are."""
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if isinstance(v, torch.Tensor) and v.numel() == 1}
+    checkpoint = trainer.checkpoint_callback
+    last_iou = getattr(model, "last_val_iou", None)
+    run_dir = trainer.log_dir or trainer.default_root_dir
+    peak_cuda = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
+    return {
+        "method": model.name,
+        "run_dir": str(Path(run_dir).resolve()),
+        "steps": int(trainer.global_step),
+        "val_miou_last": metrics.get("val/miou", float("nan")),
+        "val_miou_best": float(model.best_miou),
+        "best_step": int(model.best_step),
+        "val_iou_last": dict(zip(model.class_names, _floats(last_iou))) if last_iou is not None else {},
+        "metrics": metrics,
+        "best_checkpoint": str(checkpoint.best_model_path) if checkpoint else None,
+        "last_checkpoint": str(checkpoint.last_model_path) if checkpoint else None,
+        "wall_time_s": wall_time_s,
+        "peak_cuda_memory_bytes": peak_cuda,
+        # Peak resident memory of this process (Linux reports KiB).
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    }
+
+
+def _floats(t: torch.Tensor) -> list[float | None]:
+    return [None if math.isnan(v) else v * 100 for v in t.tolist()]
+
+
+def main(args: list[str] | None = None, run: bool = True) -> SemiSegCLI:
+    """Build the CLI (and run its subcommand when ``run``); ``args`` replaces ``sys.argv[1:]``."""
+    return SemiSegCLI(
+        SemiSupervisedModule,
+        SemiSupervisedDataModule,
+        subclass_mode_model=True,
+        seed_everything_default=0,
+        save_config_kwargs={"overwrite": True},
+        trainer_defaults={
+            "max_steps": 1500,
+            "val_check_interval": 250,
+            "check_val_every_n_epoch": None,
+            "num_sanity_val_steps": 0,
+            "log_every_n_steps": 10,
+        },
+        args=args,
+        run=run,
+    )
+
+
+def cli_entry(args: list[str] | None = None) -> int:
+    """Console entry: bad input (a ValueError from the suite) ends with one clear line and exit code 2."""
+    try:
+        main(args)
+    except ValueError as exc:
+        if os.environ.get("SEMISEG_DEBUG"):
+            raise
+        message = str(exc).strip()
+        if "Original Traceback" in message:  # raised in a data-loader worker: keep the original line
+            message = message.splitlines()[-1].split(": ", 1)[-1]
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli_entry())

@@ -1,0 +1,106 @@
+import json
+
+import pytest
+import torch
+
+from src.datamodules import SemiSupervisedDataModule, SupervisedDataModule
+from src.datamodules.semi_supervised import InfiniteSampler
+from src.datasets import DatasetError
+
+TINY = {"image_size": 32, "num_train": 30, "num_val": 6, "num_test": 6}
+
+
+class FakeTrainer:
+    def __init__(self, tmp_path, uses_unlabeled=True, max_steps=5):
+        self.max_steps = max_steps
+        self.global_rank = 0
+        self.is_global_zero = True
+        self.log_dir = str(tmp_path)
+        self.default_root_dir = str(tmp_path)
+        self.lightning_module = type("M", (), {"uses_unlabeled": uses_unlabeled})()
+
+
+def datamodule(tmp_path, cls=SemiSupervisedDataModule, uses_unlabeled=True, **kw):
+    args = dict(dataset_options=TINY, num_labeled=5, crop_size=24, batch_size_labeled=2,
+                batch_size_unlabeled=3, num_workers=0)
+    args.update(kw)
+    dm = cls(**args)
+    dm.trainer = FakeTrainer(tmp_path, uses_unlabeled)
+    dm.setup("fit")
+    return dm
+
+
+def test_infinite_sampler_cycles_through_permutations():
+    indices = list(InfiniteSampler(5, 23, seed=0))
+    assert len(indices) == 23
+    for start in range(0, 20, 5):
+        assert sorted(indices[start : start + 5]) == list(range(5))
+    assert list(InfiniteSampler(5, 23, seed=0)) == indices
+    assert list(InfiniteSampler(5, 23, seed=1)) != indices
+
+
+def test_streams_shapes_and_split(tmp_path):
+    dm = datamodule(tmp_path)
+    assert dm.num_classes >= 7 and dm.ignore_index == 255
+    assert len(dm.labeled_indices) == 5 and len(dm.unlabeled_indices) == 25
+    assert not set(dm.labeled_indices) & set(dm.unlabeled_indices)
+    loaders = dm.train_dataloader()
+    assert set(loaders) == {"labeled", "unlabeled"}
+    assert len(loaders["labeled"]) == 5  # one batch per step
+    labeled = next(iter(loaders["labeled"]))
+    unlabeled = next(iter(loaders["unlabeled"]))
+    assert labeled["image"].shape == (2, 3, 24, 24) and labeled["image"].dtype == torch.uint8
+    assert labeled["mask"].shape == (2, 24, 24) and labeled["mask"].dtype == torch.long
+    assert unlabeled["image"].shape == (3, 3, 24, 24) and "mask" not in unlabeled
+    assert set(labeled["index"].tolist()) <= set(dm.labeled_indices)
+    assert set(unlabeled["index"].tolist()) <= set(dm.unlabeled_indices)
+    split = json.loads((tmp_path / "split.json").read_text())
+    assert len(split["labeled_ids"]) == 5
+
+
+def test_five_labeled_images_are_cycled(tmp_path):
+    dm = datamodule(tmp_path)
+    dm.trainer.max_steps = 10
+    seen = torch.cat([b["index"] for b in dm.train_dataloader()["labeled"]])
+    assert len(seen) == 20 and set(seen.tolist()) == set(dm.labeled_indices)
+
+
+def test_supervised_method_gets_no_unlabeled_stream(tmp_path):
+    assert set(datamodule(tmp_path, uses_unlabeled=False).train_dataloader()) == {"labeled"}
+    assert set(datamodule(tmp_path, cls=SupervisedDataModule).train_dataloader()) == {"labeled"}
+
+
+def test_split_is_deterministic_per_seed(tmp_path):
+    a = datamodule(tmp_path, seed=3).labeled_indices
+    assert datamodule(tmp_path, seed=3).labeled_indices == a
+    assert datamodule(tmp_path, seed=4).labeled_indices != a
+
+
+def test_partial_labels_use_every_image_in_both_streams(tmp_path):
+    dm = datamodule(tmp_path, partial_labels="p0")
+    assert len(dm.labeled_indices) == 30 and len(dm.unlabeled_indices) == 30
+    batch = next(iter(dm.train_dataloader()["unlabeled"]))
+    assert "mask" in batch  # sparse labels travel with unlabeled images
+    labeled = next(iter(dm.train_dataloader()["labeled"]))
+    assert (labeled["mask"] != 255).float().mean() < 0.05
+
+
+def test_eval_loader_full_size(tmp_path):
+    dm = datamodule(tmp_path)
+    batch = next(iter(dm.val_dataloader()))
+    assert batch["image"].shape[-2:] == (32, 32)
+
+
+def test_budget_larger_than_pool(tmp_path):
+    with pytest.raises(DatasetError, match="num_labeled=99"):
+        datamodule(tmp_path, num_labeled=99)
+
+
+def test_root_required_for_real_datasets():
+    with pytest.raises(DatasetError, match="data.root is required"):
+        SemiSupervisedDataModule(dataset="folder")
+
+
+def test_bad_partial_mode():
+    with pytest.raises(ValueError, match="partial_labels"):
+        SemiSupervisedDataModule(partial_labels="p3")

@@ -1,0 +1,25 @@
+"""Every YAML parses and instantiates; every method has a YAML, a matching module name and a docstring."""
+
+import inspect
+from pathlib import Path
+
+import pytest
+
+from src.pl_modules import METHODS
+from src.train import main
+from tests.conftest import REPO, SMOKE, config
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_method_is_registered_with_yaml_module_and_docstring(name):
+    cls = METHODS[name]
+    assert (REPO / "configs" / f"{name}.yaml").is_file()
+    assert Path(inspect.getfile(cls)).stem in (name, "mean_teacher")  # mixing variants live with mean teacher
+    assert cls.__doc__ and inspect.getmodule(cls).__doc__
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_method_config_instantiates(name, tmp_path):
+    cli = main(["--config", config(name), "--config", SMOKE, "--trainer.default_root_dir", str(tmp_path)], run=False)
+    assert type(cli.model).name == name
+    assert cli.model.num_classes == cli.datamodule.num_classes

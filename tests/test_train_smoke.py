@@ -1,0 +1,65 @@
+"""The path users take: `python -m src.train fit/validate/test` and `python -m src.predict`."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from src import predict
+from src.train import cli_entry, main
+from tests.conftest import smoke_args
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("supervised")
+    main(["fit", *smoke_args("supervised", tmp_path, "--model.init_args.log_images_every_n_val", "1")])
+    return tmp_path / "run"
+
+
+def test_fit_writes_checkpoints_metrics_and_tensorboard(finished_run):
+    assert (finished_run / "checkpoints" / "best.ckpt").is_file()
+    assert (finished_run / "checkpoints" / "last.ckpt").is_file()
+    assert (finished_run / "split.json").is_file()
+    summary = json.loads((finished_run / "metrics.json").read_text())
+    assert summary["steps"] == 4 and summary["method"] == "supervised"
+    assert 0 <= summary["val_miou_last"] <= 100 and summary["val_miou_best"] >= summary["val_miou_last"]
+    events = EventAccumulator(str(finished_run), size_guidance={"images": 0}).Reload()
+    scalars = events.Tags()["scalars"]
+    for tag in ("train/loss", "val/miou", "val/miou_best", "lr-AdamW"):
+        assert tag in scalars, (tag, scalars)
+    assert len(events.Scalars("val/miou")) == 2  # val_check_interval 2, max_steps 4
+    assert "val/predictions" in events.Tags()["images"]
+
+
+def test_validate_on_checkpoint_reproduces_best_miou(finished_run, tmp_path):
+    summary = json.loads((finished_run / "metrics.json").read_text())
+    cli = main(["validate", *smoke_args("supervised", tmp_path), "--ckpt_path", summary["best_checkpoint"]])
+    assert math.isclose(float(cli.trainer.callback_metrics["val/miou"]), summary["val_miou_best"], abs_tol=1e-4)
+
+
+def test_test_subcommand(finished_run, tmp_path):
+    cli = main(["test", *smoke_args("supervised", tmp_path), "--ckpt_path", str(finished_run / "checkpoints" / "last.ckpt")])
+    assert 0 <= float(cli.trainer.callback_metrics["test/miou"]) <= 100
+
+
+def test_predict_writes_index_and_colour_masks(finished_run, tmp_path):
+    from PIL import Image
+    import numpy as np
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 52, 3), dtype=np.uint8)).save(inputs / "a.jpg")
+    code = predict.main(["--ckpt", str(finished_run / "checkpoints" / "best.ckpt"), "--input", str(inputs),
+                         "--output", str(tmp_path / "out"), "--device", "cpu"])
+    assert code == 0
+    mask = np.asarray(Image.open(tmp_path / "out" / "masks" / "a.png"))
+    assert mask.shape == (40, 52) and mask.max() < 8
+    assert np.asarray(Image.open(tmp_path / "out" / "color" / "a.png")).shape == (40, 52, 3)
+
+
+def test_predict_bad_checkpoint(tmp_path, capsys):
+    assert predict.main(["--ckpt", str(tmp_path / "nope.ckpt"), "--input", ".", "--output", str(tmp_path)]) == 2
+    assert "nope.ckpt" in capsys.readouterr().err
