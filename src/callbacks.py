@@ -22,9 +22,12 @@ class ProgressFile(pl.Callback):
         self.every_n_steps = every_n_steps
         self._start = time.time()
         self._start_step = 0
+        self._path: Path | None = None
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._start, self._start_step = time.time(), trainer.global_step
+        # `trainer.log_dir` broadcasts from rank 0: resolve it once, on every rank.
+        self._path = Path(trainer.log_dir or trainer.default_root_dir) / "progress.json"
         self._write(trainer)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
@@ -36,11 +39,11 @@ class ProgressFile(pl.Callback):
             self._write(trainer)
 
     def _write(self, trainer: pl.Trainer) -> None:
-        if not trainer.is_global_zero:
+        if not trainer.is_global_zero or self._path is None:
             return
         miou = trainer.callback_metrics.get("val/miou")
         atomic_write_json(
-            Path(trainer.log_dir or trainer.default_root_dir) / "progress.json",
+            self._path,
             {
                 "step": int(trainer.global_step),
                 "max_steps": int(trainer.max_steps),

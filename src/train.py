@@ -20,6 +20,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
+from jsonargparse import ArgumentError
 from pytorch_lightning.cli import LightningCLI
 
 import src.pl_modules  # noqa: F401  (registers every method for short class_path names)
@@ -120,24 +121,40 @@ def main(args: list[str] | None = None, run: bool = True) -> SemiSegCLI:
             "val_check_interval": 250,
             "check_val_every_n_epoch": None,
             "num_sanity_val_steps": 0,
+            # The datamodule's streams are rank-aware and its eval loaders shard themselves.
+            "use_distributed_sampler": False,
             "log_every_n_steps": 10,
         },
+        # Parse errors raise (instead of printing usage and exiting) so `cli_entry` can shorten them.
+        parser_kwargs={"exit_on_error": False},
         args=args,
         run=run,
     )
 
 
+def one_line(message: str) -> str:
+    """The informative line of an error message (parser errors list every union member they tried)."""
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    if any(line.startswith("Original Traceback") for line in lines):
+        # Raised in a data-loader worker: the last line is "module.ErrorType: message".
+        return lines[-1].split(": ", 1)[-1]
+    tried = [line[2:] for line in lines if line.startswith("- ") and "Expected a <class 'NoneType'>" not in line]
+    if tried:
+        return tried[0]
+    return lines[0] if lines else message
+
+
 def cli_entry(args: list[str] | None = None) -> int:
-    """Console entry: bad input (a ValueError from the suite) ends with one clear line and exit code 2."""
+    """Console entry: bad input ends with one clear ``error:`` line and exit code 2.
+
+    Set ``SEMISEG_DEBUG=1`` for the full traceback.
+    """
     try:
         main(args)
-    except ValueError as exc:
+    except (ValueError, ArgumentError) as exc:
         if os.environ.get("SEMISEG_DEBUG"):
             raise
-        message = str(exc).strip()
-        if "Original Traceback" in message:  # raised in a data-loader worker: keep the original line
-            message = message.splitlines()[-1].split(": ", 1)[-1]
-        print(f"error: {message}", file=sys.stderr)
+        print(f"error: {one_line(str(exc))}", file=sys.stderr)
         return 2
     return 0
 

@@ -16,10 +16,10 @@ from typing import Any
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from src.datamodules.transforms import eval_transform, labeled_transform, unlabeled_transform
-from src.datasets import DatasetError, SegmentationDataset, get_dataset
+from src.datasets import DATASETS, DatasetError, SegmentationDataset, get_dataset
 from src.datasets.splits import partial_mask, partial_rng, select_labeled, write_split
 from src.datasets.views import LabeledView, UnlabeledView, pad_collate
 
@@ -50,6 +50,14 @@ class InfiniteSampler(Sampler[int]):
             perm = torch.randperm(self.num_items, generator=generator)[: self.num_samples - emitted]
             emitted += len(perm)
             yield from perm.tolist()
+
+
+def seed_worker_transform(worker_id: int) -> None:
+    """Give each data-loader worker its own augmentation stream, derived from the loader's seed."""
+    info = torch.utils.data.get_worker_info()
+    transform = getattr(info.dataset, "transform", None)
+    if transform is not None:
+        transform.set_random_seed(info.seed % 2**32)
 
 
 class PartialLabels:
@@ -131,6 +139,8 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
         self.unlabeled_indices: list[int] = []
 
     def _make_dataset(self, split: str) -> SegmentationDataset:
+        if self.dataset_name not in DATASETS:
+            raise DatasetError(f"data.dataset: unknown dataset {self.dataset_name!r}; expected one of {sorted(DATASETS)}")
         if self.dataset_name != "synthetic" and self.dataset_kwargs.get("root") is None:
             raise DatasetError(f"data.root is required for dataset {self.dataset_name!r} (the folder that holds it)")
         return get_dataset(self.dataset_name, split=split, **self.dataset_kwargs)
@@ -174,9 +184,11 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
 
     def _run_dir(self) -> Path | None:
         trainer = getattr(self, "trainer", None)
-        if trainer is None or not trainer.is_global_zero:
+        if trainer is None:
             return None
-        return Path(trainer.log_dir or trainer.default_root_dir)
+        # `trainer.log_dir` broadcasts from rank 0, so every rank must ask for it.
+        run_dir = Path(trainer.log_dir or trainer.default_root_dir)
+        return run_dir if trainer.is_global_zero else None
 
     # ---------------------------------------------------------------- loaders
     def _mask_hook(self) -> PartialLabels | None:
@@ -184,8 +196,12 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
             return None
         return PartialLabels(self.hparams.partial_labels, self.hparams.seed, self.ignore_index)
 
-    def _stream(self, view: torch.utils.data.Dataset, batch_size: int, num_steps: int, seed: int) -> DataLoader:
+    def _stream(self, view: LabeledView | UnlabeledView, batch_size: int, num_steps: int, seed: int) -> DataLoader:
         workers = self.hparams.num_workers
+        # Albumentations keeps its own random state, untouched by seed_everything: seed it here, and
+        # again in each worker (else every worker would replay the same augmentations).
+        if view.transform is not None:
+            view.transform.set_random_seed(seed)
         return DataLoader(
             view,
             batch_size=batch_size,
@@ -194,6 +210,8 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
             persistent_workers=workers > 0,
             pin_memory=torch.cuda.is_available(),
             drop_last=True,
+            worker_init_fn=seed_worker_transform,
+            generator=torch.Generator().manual_seed(seed),
         )
 
     def _num_steps(self) -> int:
@@ -208,7 +226,8 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
         hp = self.hparams
         steps = self._num_steps()
         rank = self.trainer.global_rank if getattr(self, "trainer", None) is not None else 0
-        # Distinct seeds per stream and per rank: every rank and stream draws its own order.
+        # Distinct seeds per stream and per rank: every rank and stream draws its own order, so
+        # Lightning's distributed sampler is not needed (the CLI sets use_distributed_sampler=False).
         seed = hp.seed * 1000 + rank * 2
         labeled = LabeledView(
             self.train_set,
@@ -236,9 +255,17 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
 
     def _eval_loader(self, dataset: SegmentationDataset) -> DataLoader:
         view = LabeledView(dataset, range(len(dataset)), eval_transform(self.hparams.eval_resize))
+        trainer = getattr(self, "trainer", None)
+        # The CLI turns Lightning's sampler replacement off (the training streams are rank-aware
+        # already), so evaluation is sharded here. DistributedSampler repeats a few images to even
+        # out the shards, as Lightning's own would.
+        sampler = None
+        if trainer is not None and trainer.world_size > 1:
+            sampler = DistributedSampler(view, trainer.world_size, trainer.global_rank, shuffle=False)
         return DataLoader(
             view,
             batch_size=self.hparams.val_batch_size,
+            sampler=sampler,
             shuffle=False,
             num_workers=self.hparams.num_workers,
             persistent_workers=self.hparams.num_workers > 0,

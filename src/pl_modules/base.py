@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
+from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
@@ -72,6 +74,8 @@ class SemiSupervisedModule(pl.LightningModule):
         representation_dim: Output dimension of the representation head (methods that use one).
         scale_range: Random rescale range of batch-level augmentation of unlabeled images (the CLI links
             ``data.scale_range``, the labeled images' range, as the reference does).
+        init_from: Checkpoint (any method's, or a reconstruction pretraining run's) whose matching
+            parameters initialise the student; the others are listed in one warning.
     """
 
     name = "base"
@@ -100,6 +104,7 @@ class SemiSupervisedModule(pl.LightningModule):
         num_log_images: int = 4,
         representation_dim: int = 256,
         scale_range: tuple[float, float] = (0.75, 1.25),
+        init_from: str | None = None,
     ) -> None:
         super().__init__()
         if teacher_bn not in TEACHER_BN_MODES:
@@ -120,6 +125,8 @@ class SemiSupervisedModule(pl.LightningModule):
         self.rep_head = (
             RepresentationHead(self.student.feature_channels, representation_dim) if self.uses_representation else None
         )
+        if init_from is not None:
+            load_matching(self.student, init_from)
         self.teacher: Segmenter | None = None
         if self.uses_teacher:
             self.teacher = copy.deepcopy(self.student).requires_grad_(False)
@@ -301,6 +308,34 @@ class SemiSupervisedModule(pl.LightningModule):
         self.best_miou = checkpoint.get("best_miou", float("nan"))
         self.best_step = checkpoint.get("best_step", -1)
         self._num_validations = checkpoint.get("num_validations", 0)
+
+
+def load_matching(network: nn.Module, checkpoint_path: str) -> list[str]:
+    """Copy every parameter/buffer of a checkpoint's student whose name and shape match ``network``.
+
+    Accepts a Lightning checkpoint of any method (its ``student.*`` entries) or a bare state dict.
+    Returns the names that were not copied (missing, or of another shape, e.g. the final
+    segmentation layer) and lists them in one warning.
+    """
+    path = Path(checkpoint_path)
+    if not path.is_file():
+        raise ValueError(f"model.init_from={checkpoint_path!r}: no such checkpoint file")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = state.get("state_dict", state)
+    prefix = "student."
+    if any(k.startswith(prefix) for k in state):
+        state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    own = network.state_dict()
+    matching = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    network.load_state_dict(matching, strict=False)
+    skipped = sorted(set(own) - set(matching))
+    if skipped:
+        warnings.warn(
+            f"model.init_from={checkpoint_path}: copied {len(matching)} tensors; {len(skipped)} not in the "
+            f"checkpoint or of another shape, left as initialised: {', '.join(skipped)}",
+            stacklevel=2,
+        )
+    return skipped
 
 
 def _mean_iou(iou: Tensor) -> float:

@@ -15,9 +15,8 @@ import torch
 from torch import Tensor
 
 from src.pl_modules.base import SemiSupervisedModule
-from src.pl_modules.ops import confidence_weighted_ce, mix_unlabeled, random_rescale_crop, strong_augment
+from src.pl_modules.ops import MIX_MODES, confidence_weighted_ce, mix_unlabeled, random_rescale_crop, strong_augment
 
-MIX_MODES = ("none", "cutout", "cutmix", "classmix")
 
 
 class MeanTeacher(SemiSupervisedModule):

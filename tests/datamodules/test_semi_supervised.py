@@ -14,6 +14,7 @@ class FakeTrainer:
     def __init__(self, tmp_path, uses_unlabeled=True, max_steps=5):
         self.max_steps = max_steps
         self.global_rank = 0
+        self.world_size = 1
         self.is_global_zero = True
         self.log_dir = str(tmp_path)
         self.default_root_dir = str(tmp_path)

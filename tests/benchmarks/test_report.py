@@ -1,0 +1,119 @@
+"""Benchmark tables from hand-made run records (no training)."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+
+from benchmarks.report import format_cell, main, runs_frame, summary_table, write_report
+
+
+def record(method: str, labels: int, seed: int, miou: float | None, status: str = "ok", **extra: Any) -> dict[str, Any]:
+    return {
+        "method": method,
+        "labels": labels,
+        "seed": seed,
+        "status": status,
+        "error": None if status == "ok" else "exit code 1\nValueError: data.num_labeled=9999 is too large",
+        "val_miou_last": miou,
+        "val_miou_best": None if miou is None else miou + 1.0,
+        "test_miou": None if miou is None else miou - 1.0,
+        "steps": 1500,
+        "val_iou_last": {"background": 90.0, "disc": 10.0},
+        "dataset": "synthetic",
+        "profile": "default",
+        "settings_hash": f"hash-{method}",
+        "protocol": {"dataset": "synthetic", "crop_size": 64, "encoder": "resnet18", "max_steps": 1500},
+        **extra,
+    }
+
+
+def write_runs(directory: Path, records: list[dict[str, Any]], methods: list[str] | None = None) -> Path:
+    for r in records:
+        path = directory / "runs" / r["method"] / f"labels{r['labels']}" / f"seed{r['seed']}" / "result.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(r))
+    if methods:
+        (directory / "grid.json").write_text(json.dumps({"methods": methods}))
+    return directory
+
+
+RECORDS = [
+    record("supervised", 5, 0, 40.0),
+    record("supervised", 5, 1, 42.0),
+    record("supervised", 5, 2, 44.0),
+    record("supervised", 15, 0, 50.0),
+    record("supervised", 15, 1, 52.0),  # seed 2 missing
+    record("reco", 5, 0, 60.0),
+    record("reco", 5, 1, None, status="failed"),
+    record("reco", 5, 2, 64.0),
+    record("reco", 15, 0, 70.0),
+    record("reco", 15, 1, 71.0),
+    record("reco", 15, 2, 72.0),
+]
+
+
+def test_format_cell() -> None:
+    assert format_cell(pd.Series([40.0, 42.0, 44.0]), 0, 3) == "42.0 ± 2.0"
+    assert format_cell(pd.Series([50.0, 52.0]), 0, 3) == "51.0 ± 1.4 (n=2)"
+    assert format_cell(pd.Series([60.0]), 1, 2) == "60.0 (n=1, 1 failed)"
+    assert format_cell(pd.Series([], dtype=float), 2, 2) == "– (n=0, 2 failed)"
+
+
+def test_summary_table_mean_std_missing_and_failed() -> None:
+    frame = runs_frame(RECORDS)
+    table = summary_table(frame, "val_miou_last", method_order=["supervised", "reco"])
+    assert list(table.index) == ["supervised", "reco"]
+    assert list(table.columns) == [5, 15]
+    assert table.loc["supervised", 5] == "42.0 ± 2.0"
+    assert table.loc["supervised", 15] == "51.0 ± 1.4 (n=2)"
+    # The failed seed is not averaged in as a zero or a NaN, and it is counted.
+    assert table.loc["reco", 5] == "62.0 ± 2.8 (n=2, 1 failed)"
+    assert table.loc["reco", 15] == "71.0 ± 1.0"
+    best = summary_table(frame, "val_miou_best")
+    assert best.loc["reco", 15] == "72.0 ± 1.0"
+
+
+def test_write_report_files(tmp_path: Path) -> None:
+    directory = write_runs(tmp_path / "res", RECORDS, methods=["supervised", "reco"])
+    stream = io.StringIO()
+    text = write_report([directory], directory, stream=stream)
+    assert stream.getvalue() == text
+    summary = (directory / "summary.md").read_text()
+    assert summary == text
+    first = summary.splitlines()[0]
+    assert "synthetic" in first and "default" in first and "last step" in first and "seeds 0,1,2" in first
+    assert "| supervised | 42.0 ± 2.0 | 51.0 ± 1.4 (n=2) |" in summary
+    assert "| reco | 62.0 ± 2.8 (n=2, 1 failed) | 71.0 ± 1.0 |" in summary
+    assert "Test mIoU" in summary and "| supervised | 41.0 ± 2.0 |" in summary
+    assert "1 failed run(s)" in summary and "reco labels=5 seed=1: ValueError: data.num_labeled=9999" in summary
+    runs = pd.read_csv(directory / "runs.csv")
+    assert len(runs) == len(RECORDS)
+    assert {"val_iou/background", "val_iou/disc", "crop_size", "encoder", "config_hash"} <= set(runs.columns)
+    assert (runs["status"] == "failed").sum() == 1
+    assert (directory / "miou_vs_labels.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_cli_combines_directories(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Seeds 0 and 1 from one directory, seed 2 from another, the way parallel machines would split them.
+    first = write_runs(tmp_path / "a", [r for r in RECORDS if r["seed"] < 2])
+    second = write_runs(tmp_path / "b", [r for r in RECORDS if r["seed"] == 2])
+    assert main([str(first), str(second)]) == 2  # where should the combined tables go?
+    assert "--out" in capsys.readouterr().err
+    assert main([str(first), str(second), "--out", str(tmp_path / "all"), "--best"]) == 0
+    summary = (tmp_path / "all" / "summary.md").read_text()
+    assert "best validation mIoU" in summary
+    assert "| supervised | 43.0 ± 2.0 | 52.0 ± 1.4 (n=2) |" in summary
+    assert main([str(tmp_path / "missing")]) == 2
+
+
+def test_mixed_settings_are_flagged(tmp_path: Path) -> None:
+    other = record("supervised", 15, 2, 53.0, settings_hash="other")
+    directory = write_runs(tmp_path / "res", [*RECORDS, other])
+    text = write_report([directory], directory, stream=io.StringIO())
+    assert "different settings" in text and "supervised" in text.split("different settings")[1]

@@ -1,0 +1,29 @@
+"""A 2-process DDP fit on the CPU (gloo): the EMA teacher stays identical and mIoU is reduced over ranks."""
+
+import json
+import subprocess
+import sys
+
+from tests.conftest import REPO, smoke_args
+
+
+def test_ddp_two_processes_reco(tmp_path):
+    args = smoke_args("reco", tmp_path) + [
+        "--trainer.strategy", "ddp",
+        "--trainer.devices", "2",
+        "--trainer.accelerator", "cpu",
+        "--trainer.callbacks+=tests.ddp_probe.TeacherDigest",
+        f"--trainer.callbacks.out_dir={tmp_path / 'probe'}",
+    ]
+    done = subprocess.run([sys.executable, "-m", "src.train", "fit", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [json.loads((tmp_path / "probe" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert all(r["world_size"] == 2 for r in ranks)
+    assert ranks[0]["teacher"] == ranks[1]["teacher"]
+    # val/miou is computed from confusion matrices summed over both ranks: one value, the same everywhere.
+    assert ranks[0]["val_miou"] == ranks[1]["val_miou"]
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+    # Each rank draws its own labeled and unlabeled order.
+    assert ranks[0]["first_batch"]["unlabeled"] != ranks[1]["first_batch"]["unlabeled"]
+    assert set(ranks[0]["first_batch"]) == {"labeled", "unlabeled"}
