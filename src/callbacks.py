@@ -52,3 +52,44 @@ class ProgressFile(pl.Callback):
                 "val_miou": None if miou is None else float(miou),
             },
         )
+
+
+class LastCheckpoint(pl.Callback):
+    """Keeps ``<checkpoint dir>/last.ckpt`` equal to the newest weights, for resuming.
+
+    Lightning's ``ModelCheckpoint(save_last=True)`` with a monitor only refreshes ``last.ckpt``
+    when the monitored score improves, so a killed run would resume from its best step rather
+    than its latest. This callback saves after every validation, every ``every_n_steps`` steps
+    (0: never in between) and when training ends. Writes go through the trainer's checkpoint IO
+    (atomic in this suite) on rank 0; every rank takes part, as Lightning requires.
+    """
+
+    FILENAME = "last.ckpt"
+
+    def __init__(self, every_n_steps: int = 0) -> None:
+        self.every_n_steps = every_n_steps
+        self.path: Path | None = None
+        self._saved_step = -1
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # The ModelCheckpoint has resolved its directory (on every rank) in its setup by now.
+        dirpath = getattr(trainer.checkpoint_callback, "dirpath", None)
+        root = Path(dirpath) if dirpath else Path(trainer.default_root_dir) / "checkpoints"
+        self.path = root / self.FILENAME
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        if self.every_n_steps > 0 and trainer.global_step % self.every_n_steps == 0:
+            self._save(trainer)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._save(trainer)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._save(trainer)
+
+    def _save(self, trainer: pl.Trainer) -> None:
+        if self.path is None or self._saved_step == trainer.global_step or trainer.fast_dev_run:
+            return
+        trainer.save_checkpoint(self.path)
+        self._saved_step = trainer.global_step

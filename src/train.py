@@ -24,7 +24,7 @@ from jsonargparse import ArgumentError
 from pytorch_lightning.cli import LightningCLI
 
 import src.pl_modules  # noqa: F401  (registers every method for short class_path names)
-from src.callbacks import ProgressFile
+from src.callbacks import LastCheckpoint, ProgressFile
 from src.datamodules import SemiSupervisedDataModule
 from src.pl_modules import SemiSupervisedModule
 from src.utils import AtomicCheckpointIO, atomic_write_json
@@ -40,7 +40,8 @@ class SemiSegCLI(LightningCLI):
                 "checkpoint.monitor": "val/miou",
                 "checkpoint.mode": "max",
                 "checkpoint.filename": "best",
-                "checkpoint.save_last": True,
+                # last.ckpt is kept by LastCheckpoint: Lightning's refreshes it only on improvement.
+                "checkpoint.save_last": False,
                 "checkpoint.auto_insert_metric_name": False,
             }
         )
@@ -56,7 +57,7 @@ class SemiSegCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
         trainer = super().instantiate_trainer(**kwargs)
         trainer.strategy.checkpoint_io = AtomicCheckpointIO()
-        trainer.callbacks.append(ProgressFile())
+        trainer.callbacks.extend([ProgressFile(), LastCheckpoint()])
         return trainer
 
     def before_fit(self) -> None:
@@ -83,6 +84,7 @@ def run_summary(trainer: pl.Trainer, model: SemiSupervisedModule, wall_time_s: f
     """Final and best validation metrics of a finished fit, and where its files are."""
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if isinstance(v, torch.Tensor) and v.numel() == 1}
     checkpoint = trainer.checkpoint_callback
+    last = next((c for c in trainer.callbacks if isinstance(c, LastCheckpoint)), None)
     last_iou = getattr(model, "last_val_iou", None)
     run_dir = trainer.log_dir or trainer.default_root_dir
     peak_cuda = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
@@ -96,7 +98,7 @@ def run_summary(trainer: pl.Trainer, model: SemiSupervisedModule, wall_time_s: f
         "val_iou_last": dict(zip(model.class_names, _floats(last_iou))) if last_iou is not None else {},
         "metrics": metrics,
         "best_checkpoint": str(checkpoint.best_model_path) if checkpoint else None,
-        "last_checkpoint": str(checkpoint.last_model_path) if checkpoint else None,
+        "last_checkpoint": str(last.path) if last and last.path else None,
         "wall_time_s": wall_time_s,
         "peak_cuda_memory_bytes": peak_cuda,
         # Peak resident memory of this process (Linux reports KiB).

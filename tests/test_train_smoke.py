@@ -15,7 +15,9 @@ from tests.conftest import smoke_args
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("supervised")
-    main(["fit", *smoke_args("supervised", tmp_path, "--model.init_args.log_images_every_n_val", "1")])
+    # 5 steps, validating at 2 and 4: the last step is after the last validation.
+    main(["fit", *smoke_args("supervised", tmp_path, "--model.init_args.log_images_every_n_val", "1",
+                             "--trainer.max_steps", "5")])
     return tmp_path / "run"
 
 
@@ -24,14 +26,25 @@ def test_fit_writes_checkpoints_metrics_and_tensorboard(finished_run):
     assert (finished_run / "checkpoints" / "last.ckpt").is_file()
     assert (finished_run / "split.json").is_file()
     summary = json.loads((finished_run / "metrics.json").read_text())
-    assert summary["steps"] == 4 and summary["method"] == "supervised"
+    assert summary["steps"] == 5 and summary["method"] == "supervised"
     assert 0 <= summary["val_miou_last"] <= 100 and summary["val_miou_best"] >= summary["val_miou_last"]
     events = EventAccumulator(str(finished_run), size_guidance={"images": 0}).Reload()
     scalars = events.Tags()["scalars"]
     for tag in ("train/loss", "val/miou", "val/miou_best", "lr-AdamW"):
         assert tag in scalars, (tag, scalars)
-    assert len(events.Scalars("val/miou")) == 2  # val_check_interval 2, max_steps 4
+    assert len(events.Scalars("val/miou")) == 2  # val_check_interval 2, max_steps 5
     assert "val/predictions" in events.Tags()["images"]
+
+
+def test_last_checkpoint_holds_the_final_step(finished_run):
+    import torch
+
+    last = torch.load(finished_run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    best = torch.load(finished_run / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=False)
+    assert last["global_step"] == 5  # not the step of the last validation (4), nor of the best
+    assert best["global_step"] in (2, 4)
+    summary = json.loads((finished_run / "metrics.json").read_text())
+    assert summary["last_checkpoint"].endswith("checkpoints/last.ckpt")
 
 
 def test_validate_on_checkpoint_reproduces_best_miou(finished_run, tmp_path):
