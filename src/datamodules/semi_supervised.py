@@ -94,6 +94,7 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
         val_batch_size: Images per evaluation batch (padded to the largest; padding is ignored).
         num_workers: Data-loader worker processes per loader.
         eval_resize: None to evaluate at full size, or the longest side to resize eval images to.
+        train_split: Split of the train pool (labeled and unlabeled images), e.g. ``train_aug`` for VOC.
         val_split: Split used for validation.
         test_split: Split used by ``test``.
     """
@@ -116,6 +117,7 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
         val_batch_size: int = 16,
         num_workers: int = 2,
         eval_resize: int | None = None,
+        train_split: str = "train",
         val_split: str = "val",
         test_split: str = "test",
     ) -> None:
@@ -131,7 +133,7 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
         self.save_hyperparameters()
         self.dataset_name = dataset
         self.dataset_kwargs = {"root": root, **(dataset_options or {})}
-        self.train_set = self._make_dataset("train")
+        self.train_set = self._make_dataset(train_split)
         self.num_classes = self.train_set.num_classes
         self.ignore_index = self.train_set.ignore_index
         self.class_names = list(self.train_set.classes)

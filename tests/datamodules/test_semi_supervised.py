@@ -105,3 +105,13 @@ def test_root_required_for_real_datasets():
 def test_bad_partial_mode():
     with pytest.raises(ValueError, match="partial_labels"):
         SemiSupervisedDataModule(partial_labels="p3")
+
+
+def test_train_split_selects_the_pool(tmp_path):
+    from tests.datasets.fixtures import VOC_SBD_ONLY, VOC_TRAIN, make_voc
+
+    root = make_voc(tmp_path / "voc")
+    dm = datamodule(tmp_path, dataset="pascal_voc", root=str(root), dataset_options={}, num_labeled=2,
+                    train_split="train_aug")
+    assert sorted(dm.train_set.ids) == sorted(VOC_TRAIN + VOC_SBD_ONLY)
+    assert len(dm.labeled_indices) == 2 and len(dm.unlabeled_indices) == len(dm.train_set) - 2
