@@ -1,0 +1,233 @@
+"""Training-step cost of every method, relative to the supervised step measured in the same run.
+
+    python benchmarks/bench_step.py                       # CPU, every method, the configs' model
+    python benchmarks/bench_step.py --device cuda --precision bf16-mixed --crop 321 --batch 8
+
+Each method runs in its own subprocess (clean peak-memory figures) through the same path as
+``python -m src.train fit --config configs/<method>.yaml``: the same network, datamodule and
+Lightning loop, with validation, checkpoints and logging switched off. Every method gets the
+same batch: ``--batch`` labeled images, plus ``--batch`` unlabeled ones for the methods that use
+them. The table gives, per method, the median step time over ``--steps`` timed steps (after
+``--warmup``), its ratio to supervised, images per second, peak memory, and where the time goes:
+
+- ``data``: waiting for the next batch (loader, collation, host-to-device copy),
+- ``teacher``: the teacher's forward pass on the unlabeled batch,
+- ``mix+aug``: rescale, mixing and strong augmentation of the unlabeled batch,
+- ``reco``: the representation head and ReCo loss, forward only (their backward is in ``rest``),
+- ``rest``: the student's forward and backward, the optimizer, EMA and Lightning's own work.
+
+Parts are timed by wrapping the module's functions (with a device sync around each on GPU,
+which adds a little to every part). Figures from one invocation are comparable with each
+other; runs on shared machines are noisy, so compare ratios, not absolute times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Callable
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+PARTS = ("data", "teacher", "mix+aug", "reco", "rest")
+
+
+def measure(method: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Time ``args.steps`` training steps of ``method`` in this process."""
+    import pytorch_lightning as pl
+    import torch
+
+    import src.pl_modules.mean_teacher as mean_teacher_module
+    import src.pl_modules.reco as reco_module
+    import src.pl_modules.supervised as supervised_module
+    from src.pl_modules.base import SemiSupervisedModule
+    from src.train import main
+
+    torch.set_num_threads(args.threads)
+    cuda = args.device == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    spent: dict[str, float] = defaultdict(float)
+
+    def timed(part: str, fn: Callable) -> Callable:
+        def wrapper(*a: Any, **kw: Any) -> Any:
+            sync()
+            start = time.perf_counter()
+            out = fn(*a, **kw)
+            sync()
+            spent[part] += time.perf_counter() - start
+            return out
+
+        return wrapper
+
+    SemiSupervisedModule.teacher_predict = timed("teacher", SemiSupervisedModule.teacher_predict)
+    for name in ("random_rescale_crop", "mix_unlabeled", "strong_augment"):
+        setattr(mean_teacher_module, name, timed("mix+aug", getattr(mean_teacher_module, name)))
+    for module in (reco_module, supervised_module):
+        module.reco_from_features = timed("reco", module.reco_from_features)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cli = main(
+            [
+                # run=False: no subcommand; the CLI only builds the model and the datamodule.
+                "--config", str(REPO / "configs" / f"{method}.yaml"),
+                *(["--config", args.config] if args.config else []),
+                "--data.crop_size", str(args.crop),
+                "--data.batch_size_labeled", str(args.batch),
+                "--data.batch_size_unlabeled", str(args.batch),
+                "--data.num_workers", str(args.workers),
+                "--data.num_labeled", str(args.labels),
+                "--trainer.default_root_dir", tmp,
+                "--trainer.logger", "false",
+            ],
+            run=False,
+        )
+        model, datamodule = cli.model, cli.datamodule
+        if args.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        records: list[dict[str, float]] = []
+
+        class StepTimer(pl.Callback):
+            def __init__(self) -> None:
+                self.batch_end = time.perf_counter()
+
+            def on_train_batch_start(self, trainer: Any, module: Any, batch: Any, batch_idx: int) -> None:
+                sync()
+                self.start = time.perf_counter()
+                self.data = self.start - self.batch_end
+                spent.clear()
+
+            def on_train_batch_end(self, trainer: Any, module: Any, *rest: Any) -> None:
+                sync()
+                self.batch_end = time.perf_counter()
+                step = self.batch_end - self.start
+                parts = {part: spent.get(part, 0.0) for part in PARTS[1:-1]}
+                parts["rest"] = step - sum(parts.values())
+                records.append({"step": step + self.data, "data": self.data, **parts})
+
+        trainer = pl.Trainer(
+            max_steps=args.warmup + args.steps,
+            accelerator=args.device,
+            devices=1,
+            precision=args.precision,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            limit_val_batches=0,
+            num_sanity_val_steps=0,
+            callbacks=[StepTimer()],
+            default_root_dir=tmp,
+        )
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        trainer.fit(model, datamodule=datamodule)
+
+    timed_steps = records[args.warmup:]
+    images = args.batch * (2 if model.uses_unlabeled else 1)
+    step = statistics.median(r["step"] for r in timed_steps)
+    return {
+        "method": method,
+        "step_s": step,
+        "images_per_s": images / step,
+        **{part: statistics.median(r[part] for r in timed_steps) for part in PARTS},
+        "peak_memory_mib": (torch.cuda.max_memory_allocated() if cuda
+                            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20,
+        "memory_kind": "cuda allocated" if cuda else "process RSS",
+    }
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    import pandas as pd
+
+    from benchmarks.report import markdown_table
+
+    frame = pd.DataFrame(results).set_index("method")
+    base = frame.loc["supervised", "step_s"] if "supervised" in frame.index else float("nan")
+    out = pd.DataFrame({
+        "step ms": (frame["step_s"] * 1e3).round(1),
+        "x supervised": (frame["step_s"] / base).round(2),
+        "img/s": frame["images_per_s"].round(1),
+        **{f"{part} ms": (frame[part] * 1e3).round(1) for part in PARTS},
+        "peak MiB": frame["peak_memory_mib"].round(0).astype(int),
+    })
+    out.index.name = "method"
+    return markdown_table(out)
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    from src.pl_modules import METHODS
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--methods", default="all", help="comma list of methods, or all")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--precision", default="32-true", help="e.g. bf16-mixed on a GPU")
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--batch", type=int, default=8, help="labeled (and unlabeled) images per step")
+    parser.add_argument("--crop", type=int, default=64)
+    parser.add_argument("--labels", type=int, default=15)
+    parser.add_argument("--steps", type=int, default=20, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--workers", type=int, default=2, help="data-loader workers per stream")
+    parser.add_argument("--threads", type=int, default=max(1, min(2, os.cpu_count() or 1)))
+    parser.add_argument("--config", help="an extra YAML applied after the method's (e.g. another encoder)")
+    parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one method, print JSON
+    args = parser.parse_args(argv)
+    args.method_list = sorted(METHODS) if args.methods == "all" else args.methods.split(",")
+    unknown = [m for m in args.method_list if m not in METHODS]
+    if unknown:
+        parser.error(f"--methods: unknown {unknown}; expected names from {sorted(METHODS)}")
+    if "supervised" in args.method_list:  # first, as the reference of the ratios
+        args.method_list.remove("supervised")
+    args.method_list.insert(0, "supervised")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse(argv)
+    if args.one:
+        print("RESULT " + json.dumps(measure(args.one, args)), flush=True)
+        return 0
+    rest: list[str] = []  # the options for the children, without --methods
+    skip = False
+    for arg in argv:
+        if skip or arg.startswith("--methods="):
+            skip = False
+            continue
+        skip = arg == "--methods"
+        if not skip:
+            rest.append(arg)
+    results = []
+    for method in args.method_list:
+        done = subprocess.run([sys.executable, __file__, *rest, "--methods", method, "--one", method],
+                              cwd=REPO, capture_output=True, text=True)
+        lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+        if done.returncode != 0 or not lines:
+            print(f"{method}: failed\n{done.stderr[-2000:]}", file=sys.stderr)
+            return 1
+        results.append(json.loads(lines[-1][len("RESULT "):]))
+        print(f"{method}: {results[-1]['step_s'] * 1e3:.1f} ms/step", file=sys.stderr, flush=True)
+    print(f"\n{args.device}, precision {args.precision}, batch {args.batch}+{args.batch} (supervised: {args.batch}), "
+          f"crop {args.crop}, median of {args.steps} steps, {args.threads} threads; memory: {results[0]['memory_kind']}")
+    print(table(results))
+    if args.json:
+        from src.utils import atomic_write_json
+
+        atomic_write_json(Path(args.json), results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
