@@ -34,6 +34,7 @@ from torch import Tensor
 Sampler = Callable[[Tensor, Tensor, Tensor, int, int, "torch.Generator | None"], tuple[Tensor, Tensor, Tensor]]
 
 EPS = 1e-8  # on norms, as torch.cosine_similarity
+DENSE_POOL_FACTOR = 16  # dense path while the pool has at most this many times num_negatives pixels
 
 
 def downsample_nearest(x: Tensor, size: tuple[int, int]) -> Tensor:
@@ -110,6 +111,11 @@ class _ChunkedInfoNCE(torch.autograd.Function):
     is ``Q * K * D`` floats per class (128 MiB at the defaults). Instead each chunk also computes
     ``d loss / d query = (sum_j softmax_j * key_j - positive) / tau`` (key_0 = the positive) while
     its keys are in memory; only that (c, Q, D) gradient is saved. Not twice differentiable.
+
+    When the pool of keys is small (``dense``: fewer than a few times K pixels, as on small
+    crops), gathering K keys of D floats per query costs more than comparing every query with
+    every pool pixel: then a (c, Q, M) cosine matrix is computed by one matmul and the K
+    logits are gathered from it (and the gradient scattered back), with the same result.
     """
 
     @staticmethod
@@ -122,24 +128,37 @@ class _ChunkedInfoNCE(torch.autograd.Function):
         temperature: float,
         chunk_rows: int,
         with_grad: bool,
+        dense: bool,
     ) -> Tensor:
         losses = queries.new_empty(queries.shape[:2])  # (q, Q)
         grad = torch.empty_like(queries) if with_grad else None
-        # One key buffer reused by every chunk: a fresh 128 MiB tensor per class costs page faults on CPU.
-        per_class = key_index[0].numel()
-        buffer = pool.new_empty(min(chunk_rows, key_index.shape[0]) * per_class, pool.shape[1])
+        if not dense:
+            # One key buffer reused by every chunk: a fresh 128 MiB tensor per class costs page faults on CPU.
+            per_class = key_index[0].numel()
+            buffer = pool.new_empty(min(chunk_rows, key_index.shape[0]) * per_class, pool.shape[1])
         with torch.autocast(queries.device.type, enabled=False):  # fp32 throughout, even under AMP
             for start in range(0, queries.shape[0], chunk_rows):
                 rows = slice(start, start + chunk_rows)
                 index = key_index[rows]  # (c, Q, K)
-                keys = torch.index_select(pool, 0, index.reshape(-1), out=buffer[: index.numel()])
-                keys = keys.view(*index.shape, pool.shape[1])  # (c, Q, K, D), the memory peak
-                logits = infonce_logits(queries[rows], positives[rows], keys, temperature)
+                if dense:
+                    cosines = queries[rows] @ pool.T  # (c, Q, M): every query against every key
+                    negative = torch.gather(cosines, 2, index)  # (c, Q, K)
+                    positive = torch.einsum("cqd,cd->cq", queries[rows], positives[rows])[..., None]
+                    logits = torch.cat([positive, negative], dim=-1) / temperature
+                else:
+                    keys = torch.index_select(pool, 0, index.reshape(-1), out=buffer[: index.numel()])
+                    keys = keys.view(*index.shape, pool.shape[1])  # (c, Q, K, D), the memory peak
+                    logits = infonce_logits(queries[rows], positives[rows], keys, temperature)
                 log_norm = torch.logsumexp(logits, dim=-1)  # (c, Q)
                 losses[rows] = log_norm - logits[..., 0]
                 if grad is not None:
                     weights = torch.exp(logits - log_norm[..., None])  # softmax, (c, Q, 1 + K)
-                    expected = torch.einsum("cqk,cqkd->cqd", weights[..., 1:], keys)
+                    if dense:
+                        # sum_k w_k key_k = (w scattered onto the pool's M columns) @ pool
+                        spread = torch.zeros_like(cosines).scatter_add_(2, index, weights[..., 1:])
+                        expected = spread @ pool
+                    else:
+                        expected = torch.einsum("cqk,cqkd->cqd", weights[..., 1:], keys)
                     expected += (weights[..., :1] - 1.0) * positives[rows, None, :]
                     grad[rows] = expected / temperature
         if grad is not None:
@@ -150,7 +169,7 @@ class _ChunkedInfoNCE(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx: torch.autograd.function.FunctionCtx, grad_losses: Tensor) -> tuple[Tensor | None, ...]:
         (grad,) = ctx.saved_tensors
-        return grad * grad_losses[..., None], None, None, None, None, None, None
+        return grad * grad_losses[..., None], None, None, None, None, None, None, None
 
 
 def reco_loss(
@@ -166,6 +185,7 @@ def reco_loss(
     generator: torch.Generator | None = None,
     chunk_bytes: int = 256 * 2**20,
     sampler: Sampler | None = None,
+    dense: bool | None = None,
 ) -> Tensor:
     """ReCo's regional contrastive loss of one mini-batch (METHODS.md 5).
 
@@ -184,6 +204,10 @@ def reco_loss(
             least one class is processed per chunk.
         sampler: Hook returning the sampled positions (see `Sampler`; tests inject fixed ones).
             Default: `uniform_sampler`.
+        dense: Compute each query's cosine with every pool pixel by one matmul and gather the
+            sampled keys' logits from it (True), or gather the keys' features (False). Same
+            result; None picks the cheaper (dense while the pool has at most
+            ``DENSE_POOL_FACTOR * num_negatives`` pixels).
 
     Returns:
         A 0-dim float32 tensor: the sum over classes with hard pixels of their mean InfoNCE loss,
@@ -245,11 +269,15 @@ def reco_loss(
     # (q, Q) raster indices -> (q, Q, D) features, with gradient
     queries = rep.flatten(2)[query_pixels // (height * width), :, query_pixels % (height * width)]
     queries = F.normalize(queries.float(), dim=-1, eps=EPS)
-    per_class_bytes = 4 * num_queries * (num_negatives * dim + 4 * (num_negatives + 1))
+    if dense is None:
+        # A matmul over all M pool pixels beats gathering K keys of D floats while M is a few K.
+        dense = num_valid <= DENSE_POOL_FACTOR * num_negatives
+    per_key = 2 * num_valid / num_negatives if dense else dim  # floats held per sampled key
+    per_class_bytes = int(4 * num_queries * (num_negatives * per_key + 4 * (num_negatives + 1)))
     chunk_rows = max(1, chunk_bytes // per_class_bytes)
     with_grad = torch.is_grad_enabled() and queries.requires_grad
     losses = _ChunkedInfoNCE.apply(
-        queries, prototypes[rows], pool, key_index, temperature, chunk_rows, with_grad
+        queries, prototypes[rows], pool, key_index, temperature, chunk_rows, with_grad, dense
     )  # (q, Q)
     return losses.mean(dim=1).sum() / num_present
 

@@ -20,6 +20,8 @@ from src.losses.reco import downsample_nearest, reco_loss
 from src.pl_modules.mean_teacher import MeanTeacher
 from src.pl_modules.ops import confidence_weighted_ce
 
+REPRESENTATION_STRIDE = 4  # pixels of the input per representation cell, as DeepLabV3+'s decoder
+
 
 def reco_from_features(
     rep_head: torch.nn.Module, logits: Tensor, features: Tensor, labels: Tensor, valid: Tensor, **loss_options: Any
@@ -27,7 +29,8 @@ def reco_from_features(
     """The ReCo loss of a batch, from the student's outputs and full-resolution targets.
 
     Labels and validity are brought to the representation grid with nearest sampling (one grid
-    for both), as the reference does.
+    for both), as the reference does. Decoder features finer than stride 4 are average-pooled
+    to stride 4 before the head.
 
     Args:
         rep_head: The representation head applied to ``features``.
@@ -38,6 +41,11 @@ def reco_from_features(
         valid: (N, H, W) bool: which pixels may enter the loss.
         **loss_options: ``strong_threshold``, ``temperature``, ``num_queries``, ``num_negatives``.
     """
+    # The representation lives on a stride-4 grid (METHODS.md 2). A finer decoder (U-Net: stride 1)
+    # is average-pooled to it first: the loss sees the reference's pixel count, at 1/16 of the cost.
+    pool = max(1, round(REPRESENTATION_STRIDE * features.shape[-1] / labels.shape[-1]))
+    if pool > 1:
+        features = F.avg_pool2d(features, pool, ceil_mode=True)
     rep = rep_head(features)
     size = rep.shape[-2:]
     # NOTE: the reference takes the softmax of its stride-4 logits; smp upsamples inside its head,

@@ -337,11 +337,12 @@ def test_class_without_hard_pixels_is_skipped_but_counted():
 
 
 # ------------------------------------------------------------------ (i) chunking
-def test_chunked_equals_unchunked():
+@pytest.mark.parametrize("dense", [False, True])
+def test_chunked_equals_unchunked(dense):
     rep, labels, valid, probs = make_inputs(12, num_classes=5, size=8)
     results = [
         loss_and_grad(reco_loss, rep, labels, valid, probs, num_queries=7, num_negatives=11,
-                      generator=torch.Generator().manual_seed(3), chunk_bytes=chunk_bytes)
+                      generator=torch.Generator().manual_seed(3), chunk_bytes=chunk_bytes, dense=dense)
         # One class per chunk, two (a class costs 4 * Q * (K * D + 4 * (K + 1)) = 3808 bytes), all.
         for chunk_bytes in (1, 8000, 2**40)
     ]
@@ -350,7 +351,21 @@ def test_chunked_equals_unchunked():
         torch.testing.assert_close(grad, results[0][1], rtol=1e-6, atol=1e-7)
 
 
-def test_fused_gradient_is_exact():
+def test_dense_and_gathered_keys_give_the_same_loss_and_gradient():
+    """The two ways of computing the key logits (matmul over the pool, or gathered keys) agree."""
+    rep, labels, valid, probs = make_inputs(16, num_classes=5, size=8, dim=12)
+    dense, gathered = (
+        loss_and_grad(reco_loss, rep, labels, valid, probs, num_queries=9, num_negatives=13,
+                      generator=torch.Generator().manual_seed(4), dense=flag)
+        for flag in (True, False)
+    )
+    assert dense[0] > 0
+    torch.testing.assert_close(dense[0], gathered[0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(dense[1], gathered[1], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("dense", [False, True])
+def test_fused_gradient_is_exact(dense):
     """The chunked InfoNCE computes its gradient by hand; compare with finite differences."""
     gen = torch.Generator().manual_seed(0)
     queries = torch.randn(3, 4, 5, dtype=torch.float64, generator=gen, requires_grad=True)
@@ -358,7 +373,7 @@ def test_fused_gradient_is_exact():
     pool = F.normalize(torch.randn(10, 5, dtype=torch.float64, generator=gen), dim=-1)
     key_index = torch.randint(0, 10, (3, 4, 6), generator=gen)
     assert torch.autograd.gradcheck(
-        lambda q: _ChunkedInfoNCE.apply(q, positives, pool, key_index, 0.3, 2, True), (queries,)
+        lambda q: _ChunkedInfoNCE.apply(q, positives, pool, key_index, 0.3, 2, True, dense), (queries,)
     )
 
 
