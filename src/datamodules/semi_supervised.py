@@ -89,6 +89,7 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
         seed: Seed of the label split and partial labels (the CLI links it to ``seed_everything``).
         crop_size: Side of the square training crops; also the sliding-window size.
         scale_range: Random rescale range of labeled training images.
+        photometric: Colour jitter and Gaussian blur of labeled training crops (METHODS.md 1.5).
         batch_size_labeled: Labeled images per step.
         batch_size_unlabeled: Unlabeled images per step (methods that use them).
         val_batch_size: Images per evaluation batch (padded to the largest; padding is ignored).
@@ -112,6 +113,7 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
         seed: int = 0,
         crop_size: int = 64,
         scale_range: tuple[float, float] = (0.75, 1.25),
+        photometric: bool = True,
         batch_size_labeled: int = 8,
         batch_size_unlabeled: int = 8,
         val_batch_size: int = 16,
@@ -234,7 +236,7 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
         labeled = LabeledView(
             self.train_set,
             self.labeled_indices,
-            labeled_transform(hp.crop_size, tuple(hp.scale_range)),
+            labeled_transform(hp.crop_size, tuple(hp.scale_range), hp.photometric),
             mask_hook=self._mask_hook(),
         )
         loaders = {"labeled": self._stream(labeled, hp.batch_size_labeled, steps, seed)}

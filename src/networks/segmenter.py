@@ -138,6 +138,23 @@ class Segmenter(nn.Module):
         logits = self.model.segmentation_head(features)
         return logits[..., :height, :width], features
 
+    def forward_perturbed(self, images: Tensor, dropout_p: float = 0.5) -> tuple[Tensor, Tensor]:
+        """Logits (B, C, H, W) of a clean and a feature-perturbed stream from one encoder pass (UniMatch).
+
+        The encoder features the decoder reads (all but the input itself, which smp lists first)
+        are decoded twice, as one doubled batch: as they are, and through channel dropout
+        (``Dropout2d(dropout_p)``, on even in eval mode, like the reference's freshly built
+        module). The decoder's BatchNorm thus sees both streams (METHODS.md 8 step 3).
+        """
+        x, height, width = self._prepare(images)
+        features = self.model.encoder(x)
+        doubled = [torch.cat([features[0], features[0]])] + [
+            torch.cat([f, F.dropout2d(f, dropout_p, training=True)]) for f in features[1:]
+        ]
+        logits = self.model.segmentation_head(self.model.decoder(doubled))[..., :height, :width]
+        clean, perturbed = logits.chunk(2)
+        return clean, perturbed
+
     def forward(self, images: Tensor) -> Tensor:
         """Logits (B, C, H, W) at the input size."""
         return self.forward_features(images)[0]

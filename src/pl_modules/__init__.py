@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from src.pl_modules.base import SemiSupervisedModule
+from src.pl_modules.fixmatch import FixMatch, UniMatch
 from src.pl_modules.mean_teacher import ClassMix, CutMix, CutOut, MeanTeacher
 from src.pl_modules.reco import ReCo
 from src.pl_modules.supervised import Supervised
@@ -14,6 +15,8 @@ METHOD_CLASSES: tuple[type[SemiSupervisedModule], ...] = (
     CutMix,
     ClassMix,
     ReCo,
+    FixMatch,
+    UniMatch,
 )
 
 
@@ -41,9 +44,11 @@ __all__ = [
     "ClassMix",
     "CutMix",
     "CutOut",
+    "FixMatch",
     "MeanTeacher",
     "ReCo",
     "SemiSupervisedModule",
     "Supervised",
+    "UniMatch",
     "get_method",
 ]

@@ -115,3 +115,11 @@ def test_train_split_selects_the_pool(tmp_path):
                     train_split="train_aug")
     assert sorted(dm.train_set.ids) == sorted(VOC_TRAIN + VOC_SBD_ONLY)
     assert len(dm.labeled_indices) == 2 and len(dm.unlabeled_indices) == len(dm.train_set) - 2
+
+
+@pytest.mark.parametrize("photometric", [True, False])
+def test_photometric_switch_of_labeled_crops(tmp_path, photometric):
+    view = datamodule(tmp_path, photometric=photometric).train_dataloader()["labeled"].dataset
+    names = [type(t).__name__ for t in view.transform.transforms]
+    assert ("ColorJitter" in names) == photometric and ("GaussianBlur" in names) == photometric
+    assert "HorizontalFlip" in names and "RandomCrop" in names
