@@ -95,6 +95,8 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
         val_batch_size: Images per evaluation batch (padded to the largest; padding is ignored).
         num_workers: Data-loader worker processes per loader.
         eval_resize: None to evaluate at full size, or the longest side to resize eval images to.
+        train_resize: None, or the longest side training images are resized to before scale and crop
+            (the ReCo protocol trains Cityscapes at 1024x512).
         train_split: Split of the train pool (labeled and unlabeled images), e.g. ``train_aug`` for VOC.
         val_split: Split used for validation.
         test_split: Split used by ``test``.
@@ -119,6 +121,7 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
         val_batch_size: int = 16,
         num_workers: int = 2,
         eval_resize: int | None = None,
+        train_resize: int | None = None,
         train_split: str = "train",
         val_split: str = "val",
         test_split: str = "test",
@@ -236,7 +239,7 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
         labeled = LabeledView(
             self.train_set,
             self.labeled_indices,
-            labeled_transform(hp.crop_size, tuple(hp.scale_range), hp.photometric),
+            labeled_transform(hp.crop_size, tuple(hp.scale_range), hp.photometric, hp.train_resize),
             mask_hook=self._mask_hook(),
         )
         loaders = {"labeled": self._stream(labeled, hp.batch_size_labeled, steps, seed)}
@@ -247,7 +250,8 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
                     "use a smaller data.num_labeled or a supervised method"
                 )
             unlabeled = UnlabeledView(
-                self.train_set, self.unlabeled_indices, unlabeled_transform(hp.crop_size), mask_hook=self._mask_hook()
+                self.train_set, self.unlabeled_indices, unlabeled_transform(hp.crop_size, hp.train_resize),
+                mask_hook=self._mask_hook(),
             )
             loaders["unlabeled"] = self._stream(unlabeled, hp.batch_size_unlabeled, steps, seed + 1)
         return loaders

@@ -29,22 +29,29 @@ def _pad_and_crop(crop_size: int) -> list[A.BasicTransform]:
     ]
 
 
+def _resize(longest_side: int | None) -> list[A.BasicTransform]:
+    """Resize so the longest side is ``longest_side`` (masks nearest); nothing for None."""
+    return [] if longest_side is None else [A.LongestMaxSize(max_size=longest_side)]
+
+
 def labeled_transform(
     crop_size: int,
     scale_range: tuple[float, float] = (0.5, 1.5),
     photometric: bool = True,
+    resize_to: int | None = None,
 ) -> A.Compose:
-    """Scale, pad, crop, (colour jitter, blur,) flip: the labeled-image pipeline.
+    """(Resize,) scale, pad, crop, (colour jitter, blur,) flip: the labeled-image pipeline.
 
     Args:
         crop_size: Side of the square training crop.
         scale_range: Range of the random rescale factor applied before cropping.
         photometric: Whether to apply colour jitter and blur.
+        resize_to: None, or the longest side every image is first resized to (Cityscapes: 1024).
     """
     lo, hi = scale_range
     if not 0 < lo <= hi:
         raise ValueError(f"scale_range must satisfy 0 < low <= high, got {scale_range}")
-    steps: list[A.BasicTransform] = []
+    steps: list[A.BasicTransform] = _resize(resize_to)
     if (lo, hi) != (1.0, 1.0):
         steps.append(A.RandomScale(scale_limit=(lo - 1.0, hi - 1.0), p=1.0))
     steps += _pad_and_crop(crop_size)
@@ -57,13 +64,13 @@ def labeled_transform(
     return A.Compose(steps)
 
 
-def unlabeled_transform(crop_size: int) -> A.Compose:
-    """A plain random crop at scale 1 (padded with black / ignore where the image is smaller)."""
-    return A.Compose(_pad_and_crop(crop_size))
+def unlabeled_transform(crop_size: int, resize_to: int | None = None) -> A.Compose:
+    """(Resize,) a plain random crop at scale 1 (padded with black / ignore where the image is smaller)."""
+    return A.Compose(_resize(resize_to) + _pad_and_crop(crop_size))
 
 
 def eval_transform(resize_to: int | None = None) -> A.Compose | None:
     """Full-size evaluation, or resize so the longest side is ``resize_to`` (labels nearest)."""
     if resize_to is None:
         return None
-    return A.Compose([A.LongestMaxSize(max_size=resize_to)])
+    return A.Compose(_resize(resize_to))

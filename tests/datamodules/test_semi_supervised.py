@@ -123,3 +123,13 @@ def test_photometric_switch_of_labeled_crops(tmp_path, photometric):
     names = [type(t).__name__ for t in view.transform.transforms]
     assert ("ColorJitter" in names) == photometric and ("GaussianBlur" in names) == photometric
     assert "HorizontalFlip" in names and "RandomCrop" in names
+
+
+def test_train_resize_shrinks_images_before_the_crop(tmp_path):
+    # 32x32 scenes, no rescale, 24 crops: the labels only hold padding (255) if the images were shrunk first.
+    plain = datamodule(tmp_path, scale_range=(1.0, 1.0), crop_size=24).train_dataloader()["labeled"]
+    shrunk = datamodule(tmp_path, scale_range=(1.0, 1.0), crop_size=24, train_resize=16).train_dataloader()["labeled"]
+    assert not (next(iter(plain))["mask"] == 255).any()
+    mask = next(iter(shrunk))["mask"]
+    assert mask.shape[-2:] == (24, 24)
+    assert (mask[:, 16:, :] == 255).all() and (mask[:, :, 16:] == 255).all() and not (mask[:, :16, :16] == 255).any()
