@@ -2,6 +2,7 @@
 
     python benchmarks/run.py --method reco --labels 5,15,60 --seeds 0,1,2
     python benchmarks/run.py --method all --labels 5,15 --profile quick
+    python benchmarks/run.py --method supervised,recon+supervised --labels 5,15,60 --seeds 0,1,2
     python benchmarks/run.py --method supervised,reco --dataset pascal_voc --data-root VOC2012 \\
         --labels 60,200 --profile paper --trainer.precision bf16-mixed
 
@@ -11,6 +12,14 @@ a test split of its own. A run lives in ``<out>/runs/<method>/labels<N>/seed<S>/
 checkpoints, resolved config, split, ``result.json``). The grid is resumable: finished runs are
 skipped, interrupted ones resume from ``checkpoints/last.ckpt``. Tables and the plot come from
 ``benchmarks/report.py`` (``runs.csv``, ``summary.md``, ``miou_vs_labels.png`` in ``<out>``).
+
+``<pretraining>+<method>`` (e.g. ``recon+supervised``; ``<pretraining>`` is a method with
+``pretraining_only``) is a two-stage method: first ``<pretraining>`` trains once per seed on every
+train image (``--data.num_labeled 0``) in ``<out>/pretrain/<pretraining>/seed<S>/``, resumable and
+skipped when finished like any run; then each budget's run of ``<method>`` starts from its best
+checkpoint (``--model.init_args.init_from``) and is tabulated as ``<pretraining>+<method>``. The
+pretraining run gets the same profile and passthrough arguments, so an architecture override
+reaches both stages. ``all`` is every method but the pretraining ones, without two-stage pairs.
 
 Unknown ``--trainer.*``, ``--model.*``, ``--data.*`` and ``--config FILE`` arguments are passed
 to every run, after the profile's arguments.
@@ -91,7 +100,8 @@ PER_RUN_KEYS = (
     ("ckpt_path",),
 )
 # ... and those that tell runs of one grid apart (budget, seed): the settings hash leaves them out.
-GRID_KEYS = (("seed_everything",), ("data", "seed"), ("data", "num_labeled"))
+# A two-stage run's init_from is its seed's pretraining checkpoint.
+GRID_KEYS = (("seed_everything",), ("data", "seed"), ("data", "num_labeled"), ("model", "init_args", "init_from"))
 
 
 class GridError(Exception):
@@ -100,7 +110,7 @@ class GridError(Exception):
 
 @dataclass
 class RunSpec:
-    """One (method, label budget, seed) cell and where it lives."""
+    """One (method, label budget, seed) cell and where it lives, or a seed's pretraining run."""
 
     index: int
     total: int
@@ -108,10 +118,20 @@ class RunSpec:
     labels: int
     seed: int
     run_dir: Path
+    pretraining: bool = False
+    # Two-stage runs: the pretraining run, and the checkpoint taken from it once it has finished.
+    pretrain: RunSpec | None = None
+    init_from: Path | None = None
 
     @property
     def name(self) -> str:
-        return f"[{self.index}/{self.total}] {self.method} labels={self.labels} seed={self.seed}"
+        cell = "pretraining" if self.pretraining else f"labels={self.labels}"
+        return f"[{self.index}/{self.total}] {self.method} {cell} seed={self.seed}"
+
+    @property
+    def config_name(self) -> str:
+        """The method whose YAML the run trains: ``supervised`` for ``recon+supervised``."""
+        return self.method.rpartition("+")[2]
 
 
 @dataclass
@@ -191,13 +211,32 @@ def parse_ints(text: str, option: str) -> list[int]:
 
 
 def resolve_methods(text: str) -> list[str]:
-    """``all``, one method name or a comma list; names are checked against ``src.pl_modules.METHODS``."""
+    """``all``, one method name or a comma list; names are checked against ``src.pl_modules.METHODS``.
+
+    A pretraining method (``pretraining_only``, e.g. ``recon``) is valid only as ``<pretraining>+<method>``.
+    """
     from src.pl_modules import METHODS
 
-    names = list(METHODS) if text == "all" else list(dict.fromkeys(m.strip() for m in text.split(",") if m.strip()))
-    unknown = [m for m in names if m not in METHODS or not (REPO / "configs" / f"{m}.yaml").is_file()]
+    def runnable(name: str, pretraining: bool) -> bool:
+        cls = METHODS.get(name)
+        return (
+            cls is not None
+            and getattr(cls, "pretraining_only", False) == pretraining
+            and (REPO / "configs" / f"{name}.yaml").is_file()
+        )
+
+    trainable = [m for m in METHODS if not getattr(METHODS[m], "pretraining_only", False)]
+    names = trainable if text == "all" else list(dict.fromkeys(m.strip() for m in text.split(",") if m.strip()))
+    unknown = [
+        m for m in names
+        if not runnable(m.rpartition("+")[2], False) or ("+" in m and not runnable(m.rpartition("+")[0], True))
+    ]
     if unknown or not names:
-        raise GridError(f"--method {text!r}: unknown {unknown}; expected 'all' or names from {sorted(METHODS)}")
+        pretraining = sorted(set(METHODS) - set(trainable))
+        raise GridError(
+            f"--method {text!r}: unknown {unknown}; expected 'all', names from {sorted(trainable)}, "
+            f"or <pretraining>+<name> with <pretraining> one of {pretraining} (e.g. recon+supervised)"
+        )
     return names
 
 
@@ -212,11 +251,12 @@ def run_command(spec: RunSpec, common: Sequence[str], resume: Path | None) -> li
     ]
     return [
         sys.executable, str(Path(__file__).resolve()), "--train-and-test",
-        "--config", f"configs/{spec.method}.yaml",
+        "--config", f"configs/{spec.config_name}.yaml",
         *common,
         "--data.num_labeled", str(spec.labels),
         "--seed_everything", str(spec.seed),
         *logger,
+        *(["--model.init_args.init_from", str(spec.init_from)] if spec.init_from is not None else []),
         *(["--ckpt_path", str(resume)] if resume is not None else []),
     ]
 
@@ -241,7 +281,9 @@ def _train_and_test(train_args: list[str]) -> int:
         return 2
     trainer, datamodule = cli.trainer, cli.datamodule
     run_dir = Path(trainer.log_dir or trainer.default_root_dir)
-    if "val/miou" not in trainer.callback_metrics:
+    # The checkpoint's monitor is a metric every validation logs (val/miou, or val/loss for recon).
+    monitor = getattr(trainer.checkpoint_callback, "monitor", None) or "val/miou"
+    if monitor not in trainer.callback_metrics:
         # Resumed from a checkpoint of the final step (the run ended, its result did not get
         # written): fit had nothing to do, so evaluate that checkpoint for the last-step metrics.
         started = time.time()
@@ -284,6 +326,25 @@ def read_json(path: Path) -> dict[str, Any] | None:
 def is_done(run_dir: Path) -> bool:
     result = read_json(run_dir / "result.json")
     return bool(result) and result.get("status") == "ok"
+
+
+def pretrained_checkpoint(spec: RunSpec) -> Path | None:
+    """The checkpoint a finished pretraining run hands on: its best (lowest val loss), else its last."""
+    if not is_done(spec.run_dir):
+        return None
+    checkpoints = spec.run_dir / "checkpoints"
+    return next((p for p in (checkpoints / "best.ckpt", checkpoints / "last.ckpt") if p.is_file()), None)
+
+
+def not_run(spec: RunSpec, reason: str, context: dict[str, Any]) -> dict[str, Any]:
+    """Write and return the failed ``result.json`` of a run that could not start."""
+    record = {
+        "method": spec.method, "labels": spec.labels, "seed": spec.seed, "status": "failed", "error": reason,
+        "returncode": None, "run_dir": str(spec.run_dir), "test_miou": None, "wall_time_s": 0.0, **context,
+    }
+    spec.run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(spec.run_dir / "result.json", record)
+    return record
 
 
 def _checkpoint_step(path: Path) -> int | None:
@@ -516,6 +577,10 @@ def _result_line(spec: RunSpec, record: dict[str, Any]) -> str:
     if record["status"] != "ok":
         lines = (record.get("error") or "?").strip().splitlines()
         return f"{spec.name}  FAILED ({lines[0]}): {lines[-1]}  see {spec.run_dir}/train.log"
+    if spec.pretraining:
+        loss = (record.get("metrics") or {}).get("val/loss")
+        val = "-" if loss is None else f"{loss:.4f}"
+        return f"{spec.name}  ok  val loss {val}  {format_duration(record['wall_time_s'])}"
 
     def pct(v: Any) -> str:
         return "-" if v is None else f"{v:.1f}"
@@ -595,8 +660,16 @@ def run_grid(
         RunSpec(0, 0, m, n, s, out / "runs" / m / f"labels{n}" / f"seed{s}")
         for m in methods for n in labels for s in seeds
     ]
-    for i, spec in enumerate(specs, start=1):
-        spec.index, spec.total = i, len(specs)
+    # Two-stage methods: one pretraining run per (pretraining method, seed), shared by every budget.
+    pretraining: dict[tuple[str, int], RunSpec] = {}
+    for spec in specs:
+        first = spec.method.rpartition("+")[0]
+        if first:
+            pretrain_dir = out / "pretrain" / first / f"seed{spec.seed}"
+            new = RunSpec(0, 0, first, 0, spec.seed, pretrain_dir, pretraining=True)
+            spec.pretrain = pretraining.setdefault((first, spec.seed), new)
+    for i, spec in enumerate([*pretraining.values(), *specs], start=1):
+        spec.index, spec.total = i, len(pretraining) + len(specs)
     with open(out / ".lock", "a+") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -608,7 +681,7 @@ def run_grid(
         lock.truncate()
         lock.write(f"pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
         lock.flush()
-        for spec in specs:
+        for spec in [*pretraining.values(), *specs]:
             _check_same_command(spec, common)
         context = {
             "dataset": dataset,
@@ -621,6 +694,11 @@ def run_grid(
             out / "grid.json",
             {"methods": list(methods), "labels": list(labels), "seeds": list(seeds), **context},
         )
+        if pretraining:
+            _run_specs(list(pretraining.values()), common, context, workers, poll_s, tty_every_s, stream)
+            for spec in specs:
+                if spec.pretrain is not None:
+                    spec.init_from = pretrained_checkpoint(spec.pretrain)
         records = _run_specs(specs, common, context, workers, poll_s, tty_every_s, stream)
         from benchmarks.report import write_report  # pandas and matplotlib: not in the run subprocesses
 
@@ -639,6 +717,10 @@ def _run_specs(
         if is_done(spec.run_dir):
             records[spec.index] = read_json(spec.run_dir / "result.json")
             print(f"{spec.name}  done, skipped", file=stream)
+        elif spec.pretrain is not None and spec.init_from is None:
+            reason = f"not run: its pretraining failed (see {spec.pretrain.run_dir}/train.log)"
+            records[spec.index] = not_run(spec, reason, context)
+            print(f"{spec.name}  {reason}", file=stream)
         else:
             pending.append(spec)
     print(f"{len(pending)} of {len(specs)} runs to do, {workers} at a time", file=stream, flush=True)

@@ -67,9 +67,14 @@ class SemiSegCLI(LightningCLI):
         summary = run_summary(self.trainer, self.model, time.time() - self._fit_started)
         if self.trainer.is_global_zero:
             atomic_write_json(Path(summary["run_dir"]) / "metrics.json", summary)
+            monitor = getattr(self.trainer.checkpoint_callback, "monitor", None) or "val/miou"
+            if monitor == "val/miou":
+                score = (f"val mIoU: {summary['val_miou_last']:.2f} (last step), {summary['val_miou_best']:.2f} "
+                         f"(best, step {summary['best_step']})")
+            else:  # e.g. reconstruction pretraining, which has no mIoU
+                score = f"{monitor}: {summary['metrics'].get(monitor, float('nan')):.4f} (last step)"
             print(
-                f"\nval mIoU: {summary['val_miou_last']:.2f} (last step), {summary['val_miou_best']:.2f} "
-                f"(best, step {summary['best_step']})\n"
+                f"\n{score}\n"
                 f"TensorBoard logs: {summary['run_dir']}  (tensorboard --logdir {summary['run_dir']})\n"
                 f"checkpoints: {summary['best_checkpoint']} (best), {summary['last_checkpoint']} (last)",
                 flush=True,

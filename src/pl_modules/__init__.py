@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from src.pl_modules.base import SemiSupervisedModule
+from src.pl_modules.c3semiseg import C3SemiSeg
 from src.pl_modules.fixmatch import FixMatch, UniMatch
 from src.pl_modules.mean_teacher import ClassMix, CutMix, CutOut, MeanTeacher
 from src.pl_modules.reco import ReCo
+from src.pl_modules.recon import Recon
 from src.pl_modules.supervised import Supervised
 
 METHOD_CLASSES: tuple[type[SemiSupervisedModule], ...] = (
@@ -17,6 +19,8 @@ METHOD_CLASSES: tuple[type[SemiSupervisedModule], ...] = (
     ReCo,
     FixMatch,
     UniMatch,
+    Recon,
+    C3SemiSeg,
 )
 
 
@@ -41,12 +45,14 @@ def get_method(name: str) -> type[SemiSupervisedModule]:
 
 __all__ = [
     "METHODS",
+    "C3SemiSeg",
     "ClassMix",
     "CutMix",
     "CutOut",
     "FixMatch",
     "MeanTeacher",
     "ReCo",
+    "Recon",
     "SemiSupervisedModule",
     "Supervised",
     "UniMatch",

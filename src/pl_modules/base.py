@@ -313,9 +313,12 @@ class SemiSupervisedModule(pl.LightningModule):
 def load_matching(network: nn.Module, checkpoint_path: str) -> list[str]:
     """Copy every parameter/buffer of a checkpoint's student whose name and shape match ``network``.
 
-    Accepts a Lightning checkpoint of any method (its ``student.*`` entries) or a bare state dict.
-    Returns the names that were not copied (missing, or of another shape, e.g. the final
-    segmentation layer) and lists them in one warning.
+    Accepts a Lightning checkpoint of any method (its ``student.*`` entries), e.g. a reconstruction
+    pretraining run's, or a bare state dict. Tensors of ``network`` left as initialised are listed in
+    one warning, split into those of another shape (e.g. the output layer: 3 RGB channels vs C
+    classes, with both shapes) and those the checkpoint lacks; unused checkpoint tensors are counted.
+    Returns the names left as initialised. Raises ``ValueError`` when nothing matches (another
+    architecture or encoder).
     """
     path = Path(checkpoint_path)
     if not path.is_file():
@@ -327,15 +330,26 @@ def load_matching(network: nn.Module, checkpoint_path: str) -> list[str]:
         state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     own = network.state_dict()
     matching = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-    network.load_state_dict(matching, strict=False)
-    skipped = sorted(set(own) - set(matching))
-    if skipped:
-        warnings.warn(
-            f"model.init_from={checkpoint_path}: copied {len(matching)} tensors; {len(skipped)} not in the "
-            f"checkpoint or of another shape, left as initialised: {', '.join(skipped)}",
-            stacklevel=2,
+    if not any(v.ndim > 0 for v in matching.values()):  # BatchNorm's scalar step counters match any network
+        raise ValueError(
+            f"model.init_from={checkpoint_path!r}: no tensor matches this network by name and shape "
+            "(was it trained with another arch or encoder_name?)"
         )
-    return skipped
+    network.load_state_dict(matching, strict=False)
+    reshaped = sorted(k for k in own if k in state and k not in matching)
+    missing = sorted(k for k in own if k not in state)
+    unused = [k for k in state if k not in own]
+    if reshaped or missing or unused:
+        parts = [f"copied {len(matching)} of {len(own)} tensors"]
+        if reshaped:
+            shapes = (f"{k} {tuple(state[k].shape)} -> {tuple(own[k].shape)}" for k in reshaped)
+            parts.append(f"{len(reshaped)} of another shape, left as initialised: {', '.join(shapes)}")
+        if missing:
+            parts.append(f"{len(missing)} not in the checkpoint, left as initialised: {', '.join(missing)}")
+        if unused:
+            parts.append(f"{len(unused)} checkpoint tensors unused (e.g. {', '.join(unused[:3])})")
+        warnings.warn(f"model.init_from={checkpoint_path}: " + "; ".join(parts), stacklevel=2)
+    return sorted(reshaped + missing)
 
 
 def _mean_iou(iou: Tensor) -> float:

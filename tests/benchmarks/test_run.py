@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from benchmarks.run import (
     GridError,
@@ -24,6 +25,7 @@ from benchmarks.run import (
     format_duration,
     main,
     profile_args,
+    resolve_methods,
     run_grid,
     show_progress,
 )
@@ -90,6 +92,56 @@ def test_grid_runs_skips_finished_and_redoes_a_missing_result(tmp_path: Path) ->
     assert redone["resumed_from"]["checkpoint"].endswith("checkpoints/last.ckpt")  # it had a checkpoint
     # Not bit-equal to the first attempt: the training streams restart on resume (Lightning warns).
     assert 0.0 <= redone["val_miou_last"] <= 100.0
+
+
+def test_recon_pretrains_once_per_seed_and_initialises_every_budget(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    grid = dict(out=out, extra_args=TINY, workers=2, poll_s=0.2)
+    stream = io.StringIO()
+    records = run_grid(["recon+supervised"], [5, 10], **grid, stream=stream)
+    assert [(r["method"], r["labels"], r["status"]) for r in records] == [
+        ("recon+supervised", 5, "ok"), ("recon+supervised", 10, "ok"),
+    ]
+    pretrain = out / "pretrain" / "recon" / "seed0"
+    pretrained = json.loads((pretrain / "result.json").read_text())
+    assert pretrained["status"] == "ok" and pretrained["method"] == "recon" and pretrained["steps"] == 4
+    assert "val/loss" in pretrained["metrics"] and "val/miou" not in pretrained["metrics"]
+    split = json.loads((pretrain / "split.json").read_text())
+    assert split["num_labeled"] == 0 and len(split["labeled_ids"]) == 40  # every train image of the smoke data
+    best = pretrain / "checkpoints" / "best.ckpt"
+    for record in records:
+        config = yaml.safe_load((Path(record["run_dir"]) / "config.yaml").read_text())
+        assert config["model"]["class_path"].endswith("Supervised")
+        assert config["model"]["init_args"]["init_from"] == str(best)
+        log = (Path(record["run_dir"]) / "train.log").read_text()
+        assert "model.init_from" in log and "model.segmentation_head.0.weight" in log
+    assert records[0]["settings_hash"] == records[1]["settings_hash"]
+    log = stream.getvalue()
+    assert "[1/3] recon pretraining seed=0  ok  val loss" in log
+    assert "[3/3] recon+supervised labels=10 seed=0  ok" in log
+    assert list((out / "runs").iterdir()) == [out / "runs" / "recon+supervised"]
+    assert "| recon+supervised |" in (out / "summary.md").read_text()
+
+    # Again: nothing is retrained, the pretraining included.
+    stream = io.StringIO()
+    run_grid(["recon+supervised"], [5, 10], **grid, stream=stream)
+    assert stream.getvalue().count("done, skipped") == 3
+
+    # A failed pretraining: its budgets are recorded as failed without being started.
+    failed_out = tmp_path / "failed"
+    bad = [*TINY, "--model.init_args.ssim_weight", "-1"]  # only Recon has it: refused at construction
+    again = run_grid(["recon+supervised"], [5], out=failed_out, extra_args=bad, poll_s=0.2, stream=io.StringIO())
+    assert json.loads((failed_out / "pretrain" / "recon" / "seed0" / "result.json").read_text())["status"] == "failed"
+    assert again[0]["status"] == "failed" and "its pretraining failed" in again[0]["error"]
+    assert not (Path(again[0]["run_dir"]) / "train.log").exists()
+
+
+def test_method_names() -> None:
+    assert "recon" not in resolve_methods("all") and "supervised" in resolve_methods("all")
+    assert resolve_methods("supervised,recon+supervised") == ["supervised", "recon+supervised"]
+    for bad in ("recon", "recon+recon", "supervised+supervised", "recon+nope"):
+        with pytest.raises(GridError, match="recon\\+supervised"):
+            resolve_methods(bad)
 
 
 def test_killed_run_resumes_from_its_last_checkpoint(tmp_path: Path) -> None:
@@ -204,6 +256,7 @@ def test_config_hash_ignores_run_paths_and_settings_hash_ignores_budget() -> Non
         "seed_everything": 0,
         "trainer": {"max_steps": 10, "default_root_dir": "/a", "logger": {"init_args": {"save_dir": "/a"}}},
         "data": {"num_labeled": 5, "seed": 0},
+        "model": {"init_args": {"init_from": "/out/pretrain/recon/seed0/checkpoints/best.ckpt"}},
         "ckpt_path": None,
     }
     moved = json.loads(json.dumps(base))
@@ -211,6 +264,7 @@ def test_config_hash_ignores_run_paths_and_settings_hash_ignores_budget() -> Non
     assert config_hashes(base) == config_hashes(moved)
     other_budget = json.loads(json.dumps(base))
     other_budget["data"]["num_labeled"], other_budget["seed_everything"] = 15, 1
+    other_budget["model"]["init_args"]["init_from"] = "/out/pretrain/recon/seed1/checkpoints/best.ckpt"
     assert config_hashes(base)[0] != config_hashes(other_budget)[0]
     assert config_hashes(base)[1] == config_hashes(other_budget)[1]
     longer = json.loads(json.dumps(base))
