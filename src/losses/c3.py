@@ -244,10 +244,10 @@ def pixel_contrastive_loss(
     log_prob = logits - torch.log(exp_logits + negative_sum)
     num_positive = positive.sum(dim=1)
     mean_log_prob = (log_prob * positive).sum(dim=1) / num_positive.clamp(min=1)
+    # Mean over anchors with a positive (0, graph kept, when none), without a host sync.
     has_positive = num_positive > 0
-    if not bool(has_positive.any()):
-        return anchors.sum() * 0.0
-    return -(temperature / base_temperature) * mean_log_prob[has_positive].mean()
+    mean = (mean_log_prob * has_positive).sum() / has_positive.sum().clamp(min=1)
+    return -(temperature / base_temperature) * mean
 
 
 def cross_set_contrastive_loss(

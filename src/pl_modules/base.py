@@ -170,9 +170,9 @@ class SemiSupervisedModule(pl.LightningModule):
 
     def supervised_loss(self, logits: Tensor, masks: Tensor) -> Tensor:
         """Mean cross-entropy over labeled pixels; 0 (graph kept) if a batch has none (sparse labels)."""
-        if not (masks != self.ignore_index).any():
-            return logits.sum() * 0.0
-        return F.cross_entropy(logits.float(), masks, ignore_index=self.ignore_index)
+        # Sum over labeled pixels / their count (at least 1): the mean, without a host sync to test for none.
+        total = F.cross_entropy(logits.float(), masks, ignore_index=self.ignore_index, reduction="sum")
+        return total / (masks != self.ignore_index).sum().clamp(min=1)
 
     # ------------------------------------------------------------------ training
     def compute_losses(self, batch: dict[str, dict[str, Tensor]]) -> dict[str, Tensor]:
