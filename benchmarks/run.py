@@ -83,6 +83,12 @@ PROFILES: dict[str, dict[str, list[str]]] = {
     "paper": {"real": []},
 }
 
+# Per-method settings of a dataset kind, after the profile's. configs/reco.yaml scales ReCo's
+# queries to the CPU profile's small feature maps (128); real datasets get the paper's 256.
+METHOD_ARGS: dict[tuple[str, str], list[str]] = {
+    ("real", "reco"): ["--model.init_args.num_queries", "256"],
+}
+
 # Passthrough arguments the runner sets itself for every run.
 RESERVED = (
     "--data.num_labeled",
@@ -122,6 +128,8 @@ class RunSpec:
     # Two-stage runs: the pretraining run, and the checkpoint taken from it once it has finished.
     pretrain: RunSpec | None = None
     init_from: Path | None = None
+    # Training arguments of this method only (METHOD_ARGS), after the grid's common ones.
+    method_args: tuple[str, ...] = ()
 
     @property
     def name(self) -> str:
@@ -253,6 +261,7 @@ def run_command(spec: RunSpec, common: Sequence[str], resume: Path | None) -> li
         sys.executable, str(Path(__file__).resolve()), "--train-and-test",
         "--config", f"configs/{spec.config_name}.yaml",
         *common,
+        *spec.method_args,
         "--data.num_labeled", str(spec.labels),
         "--seed_everything", str(spec.seed),
         *logger,
@@ -656,8 +665,10 @@ def run_grid(
     common = profile_args(profile, dataset, data_root) + check_passthrough(extra_args)
     out = Path(out if out is not None else default_out(dataset, profile)).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    kind = "synthetic" if dataset == "synthetic" else "real"
     specs = [
-        RunSpec(0, 0, m, n, s, out / "runs" / m / f"labels{n}" / f"seed{s}")
+        RunSpec(0, 0, m, n, s, out / "runs" / m / f"labels{n}" / f"seed{s}",
+                method_args=tuple(METHOD_ARGS.get((kind, m.rpartition("+")[2]), ())))
         for m in methods for n in labels for s in seeds
     ]
     # Two-stage methods: one pretraining run per (pretraining method, seed), shared by every budget.

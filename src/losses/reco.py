@@ -10,8 +10,8 @@ pixels of that class. Gradients flow only through the queries.
 
 Design (METHODS.md 5.1): valid pixels are sorted by class (CSR layout: counts and offsets per
 class; a second sort gives the hard pixels), so every random pick is index arithmetic on a batch
-of uniform numbers and the negative classes come from one ``torch.multinomial`` call. There is
-no Python loop over queries, negatives or pixels. The keys, ``Q * K * D`` floats per class, are
+of uniform numbers and the negative classes come from one ``torch.searchsorted`` on the graph's
+rows (inverse transform sampling). There is no Python loop over queries, negatives or pixels. The keys, ``Q * K * D`` floats per class, are
 gathered one chunk of classes at a time; each chunk's gradient with respect to its queries is
 computed in the same pass, so a chunk's keys are freed before the next one is gathered and the
 peak memory is one chunk, not every class's keys kept alive for the backward pass.
@@ -80,9 +80,17 @@ def uniform_sampler(
         return torch.minimum((u * size).long(), size - 1)
 
     query_positions = positions(hard_counts[:, None], rows, num_queries)
-    negative_classes = torch.multinomial(
-        graph.to(draw_device), num_queries * num_negatives, replacement=True, generator=generator
-    ).to(device).view(rows, num_queries, num_negatives)
+    # Negative classes by inverse transform sampling: the first class whose cumulative probability
+    # exceeds U * total. The same distribution as torch.multinomial with replacement, at a fraction
+    # of its cost on CPU. A zero-probability class has an empty interval, so it is never drawn; the
+    # minimum keeps a rounding of U * total up to the total on the last class that can be drawn.
+    weights = graph.to(device=draw_device, dtype=torch.float64)
+    cdf = weights.cumsum(dim=1)
+    u = torch.rand((rows, num_queries * num_negatives), generator=generator, device=draw_device, dtype=torch.float64)
+    drawn = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)
+    column = torch.arange(weights.shape[1], device=draw_device)
+    last_drawable = torch.where(weights > 0, column, 0).amax(dim=1, keepdim=True)
+    negative_classes = torch.minimum(drawn, last_drawable).to(device).view(rows, num_queries, num_negatives)
     negative_positions = positions(counts[negative_classes], rows, num_queries, num_negatives)
     return query_positions, negative_classes, negative_positions
 
