@@ -42,6 +42,19 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 PARTS = ("data", "teacher", "mix+aug", "reco", "rest")
+# The floor of a method's step: the supervised step on ``grad`` times the batch (forward, backward,
+# optimizer and data of that many images) plus ``no_grad`` eval-mode forwards of one batch (teacher
+# or pseudo-labels). Everything a method spends above it (mixing, augmentation, its losses,
+# pseudo-labelling, bookkeeping) is overhead. The feature-perturbation stream of UniMatch (a second
+# decoder pass) and ReCo's representation head are not in the floor, which makes those ratios upper bounds.
+FLOOR = {
+    "supervised": (1, 0),
+    "recon": (1, 0),
+    "mean_teacher": (2, 1), "cutout": (2, 1), "cutmix": (2, 1), "classmix": (2, 1), "reco": (2, 1),
+    "c3semiseg": (2, 1),
+    "fixmatch": (3, 1),  # [labeled; weak] and one strong view with gradient, the mixing view's labels
+    "unimatch": (4, 1),  # [labeled; weak] and two strong views with gradient, the mixing view's labels
+}
 # Options that put a method in its steady state from the first step (C3 starts with a supervised phase).
 STEADY_STATE = {"c3semiseg": ["--model.init_args.unlabeled_start_step", "0"]}
 
@@ -140,9 +153,25 @@ def measure(method: str, args: argparse.Namespace) -> dict[str, Any]:
     timed_steps = records[args.warmup:]
     images = args.batch * (2 if model.uses_unlabeled else 1)
     step = statistics.median(r["step"] for r in timed_steps)
+    forward_s = None
+    if method == "supervised":  # the eval-mode, no-gradient forward of one batch, for the floors
+        network = model.student.eval()
+        inputs = torch.randn(args.batch, 3, args.crop, args.crop, device=model.device)
+        if args.channels_last:
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        times = []
+        with torch.no_grad(), torch.autocast(args.device, dtype=torch.bfloat16, enabled="bf16" in args.precision):
+            for _ in range(args.warmup + args.steps):
+                sync()
+                start = time.perf_counter()
+                network(inputs)
+                sync()
+                times.append(time.perf_counter() - start)
+        forward_s = statistics.median(times[args.warmup:])
     return {
         "method": method,
         "step_s": step,
+        "forward_s": forward_s,
         "images_per_s": images / step,
         **{part: statistics.median(r[part] for r in timed_steps) for part in PARTS},
         "peak_memory_mib": (torch.cuda.max_memory_allocated() if cuda
@@ -151,16 +180,30 @@ def measure(method: str, args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def table(results: list[dict[str, Any]]) -> str:
+def floors(results: list[dict[str, Any]], supervised_at: dict[int, float]) -> dict[str, float]:
+    """Each method's floor step time (see FLOOR) from the supervised steps at multiples of the batch."""
+    forward = next(r["forward_s"] for r in results if r["method"] == "supervised")
+    out = {}
+    for r in results:
+        grad, no_grad = FLOOR.get(r["method"], (None, 0))
+        if grad in supervised_at:
+            out[r["method"]] = supervised_at[grad] + no_grad * forward
+    return out
+
+
+def table(results: list[dict[str, Any]], floor: dict[str, float] | None = None) -> str:
     import pandas as pd
 
     from benchmarks.report import markdown_table
 
     frame = pd.DataFrame(results).set_index("method")
     base = frame.loc["supervised", "step_s"] if "supervised" in frame.index else float("nan")
+    floor_s = pd.Series(floor or {}, dtype=float).reindex(frame.index)
     out = pd.DataFrame({
         "step ms": (frame["step_s"] * 1e3).round(1),
         "x supervised": (frame["step_s"] / base).round(2),
+        "floor ms": (floor_s * 1e3).round(1),
+        "x floor": (frame["step_s"] / floor_s).round(2),
         "img/s": frame["images_per_s"].round(1),
         **{f"{part} ms": (frame[part] * 1e3).round(1) for part in PARTS},
         "peak MiB": frame["peak_memory_mib"].round(0).astype(int),
@@ -213,23 +256,44 @@ def main(argv: list[str] | None = None) -> int:
         skip = arg == "--methods"
         if not skip:
             rest.append(arg)
-    results = []
-    for method in args.method_list:
-        done = subprocess.run([sys.executable, __file__, *rest, "--methods", method, "--one", method],
-                              cwd=REPO, capture_output=True, text=True)
+    def child(method: str, batch: int) -> dict[str, Any] | None:
+        done = subprocess.run(
+            [sys.executable, __file__, *rest, "--batch", str(batch), "--methods", method, "--one", method],
+            cwd=REPO, capture_output=True, text=True,
+        )
         lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
         if done.returncode != 0 or not lines:
-            print(f"{method}: failed\n{done.stderr[-2000:]}", file=sys.stderr)
+            print(f"{method} (batch {batch}): failed\n{done.stderr[-2000:]}", file=sys.stderr)
+            return None
+        return json.loads(lines[-1][len("RESULT "):])
+
+    results = []
+    for method in args.method_list:
+        result = child(method, args.batch)
+        if result is None:
             return 1
-        results.append(json.loads(lines[-1][len("RESULT "):]))
-        print(f"{method}: {results[-1]['step_s'] * 1e3:.1f} ms/step", file=sys.stderr, flush=True)
+        results.append(result)
+        print(f"{method}: {result['step_s'] * 1e3:.1f} ms/step", file=sys.stderr, flush=True)
+    # The floors: supervised steps at the batch multiples the measured methods need.
+    supervised_at = {1: results[0]["step_s"]}
+    for multiple in sorted({FLOOR[m][0] for m in args.method_list if m in FLOOR} - {1}):
+        result = child("supervised", multiple * args.batch)
+        if result is None:
+            return 1
+        supervised_at[multiple] = result["step_s"]
+        print(f"supervised x{multiple} batch: {result['step_s'] * 1e3:.1f} ms/step", file=sys.stderr, flush=True)
+    floor = floors(results, supervised_at)
     print(f"\n{args.device}, precision {args.precision}, batch {args.batch}+{args.batch} (supervised: {args.batch}), "
-          f"crop {args.crop}, median of {args.steps} steps, {args.threads} threads; memory: {results[0]['memory_kind']}")
-    print(table(results))
+          f"crop {args.crop}, median of {args.steps} steps, {args.threads} threads; memory: {results[0]['memory_kind']}; "
+          f"floor: supervised step on as many images with gradient plus eval forwards of one batch "
+          f"({results[0]['forward_s'] * 1e3:.1f} ms each)")
+    print(table(results, floor))
     if args.json:
         from src.utils import atomic_write_json
 
-        atomic_write_json(Path(args.json), results)
+        for r in results:
+            r["floor_s"] = floor.get(r["method"])
+        atomic_write_json(Path(args.json), {"results": results, "supervised_at_batch_multiple": supervised_at})
     return 0
 
 

@@ -4,7 +4,7 @@ import json
 import subprocess
 import sys
 
-from benchmarks.bench_step import PARTS, table
+from benchmarks.bench_step import PARTS, floors, table
 from tests.conftest import REPO, SMOKE
 
 
@@ -33,3 +33,17 @@ def test_table_ratios_to_supervised():
     text = table(rows)
     assert "| reco | 250.0 | 2.5 | 64.0 |" in text
     assert "| supervised | 100.0 | 1.0 |" in text
+
+
+def test_floor_is_the_supervised_step_on_as_many_images_plus_the_no_grad_forwards():
+    rows = [
+        {"method": "supervised", "step_s": 0.1, "forward_s": 0.03},
+        {"method": "cutmix", "step_s": 0.3, "forward_s": None},
+        {"method": "unimatch", "step_s": 0.6, "forward_s": None},
+        {"method": "unknown", "step_s": 0.6, "forward_s": None},
+    ]
+    floor = floors(rows, {1: 0.1, 2: 0.18, 4: 0.35})
+    # supervised: itself; cutmix: student on 2B plus the teacher's forward on B; UniMatch: 4B + 1.
+    assert floor == {"supervised": 0.1, "cutmix": 0.18 + 0.03, "unimatch": 0.35 + 0.03}
+    text = table([{**r, "images_per_s": 1.0, **dict.fromkeys(PARTS, 0.0), "peak_memory_mib": 1.0} for r in rows], floor)
+    assert "| cutmix | 300.0 | 3.0 | 210.0 | 1.43 |" in text
