@@ -14,6 +14,7 @@ from src.pl_modules import SemiSupervisedModule
 from src.pl_modules.ops import ema_decay, ema_update
 from src.train import main
 from tests.conftest import smoke_args
+from tests.pl_modules.plain_ops import use_plain_ops
 
 NUM_CLASSES = 3
 
@@ -60,6 +61,31 @@ class MethodTester:
         assert "loss" in losses and losses["loss"].requires_grad
         for key, value in losses.items():
             assert value.ndim == 0 and torch.isfinite(value), key
+
+    def test_same_step_with_the_plain_reference_ops(self, monkeypatch):
+        # The vectorised ops (no loops, no host syncs, the dense ReCo matmul) change no loss and
+        # no gradient: the same step on the same seed with plain per-image / per-anchor versions.
+        batch = make_batch(3)
+
+        def step():
+            module = self.make(**self.permissive_kwargs)
+            torch.manual_seed(1)
+            losses = module.compute_losses(batch)
+            losses["loss"].backward()
+            grads = [p.grad for p in module.student.parameters() if p.grad is not None]
+            return {k: v.detach() for k, v in losses.items()}, grads
+
+        fast, fast_grads = step()
+        calls = use_plain_ops(monkeypatch)
+        plain, plain_grads = step()
+        if not calls:
+            pytest.skip(f"{self.method_cls.name} uses none of the vectorised ops")
+        assert fast.keys() == plain.keys()
+        for key in fast:
+            torch.testing.assert_close(fast[key], plain[key], rtol=1e-4, atol=1e-6, msg=key)
+        assert len(fast_grads) == len(plain_grads) > 0
+        for a, b in zip(fast_grads, plain_grads):
+            torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
 
     def test_partial_labels_batch(self):
         losses = self.make().compute_losses(make_batch(partial=True))

@@ -23,6 +23,7 @@ from tests.pl_modules.method_tester import MethodTester, tiny_kwargs
 
 class TestRecon(MethodTester):
     method_cls = Recon
+    permissive_kwargs: dict = {}  # no pseudo-labels, no threshold
 
     def test_short_fit_logs_val_miou(self):
         pytest.skip("recon has no mIoU: see test_short_fit_logs_val_loss_and_its_best_checkpoint_transfers")

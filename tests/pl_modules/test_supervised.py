@@ -5,6 +5,7 @@ from tests.pl_modules.method_tester import MethodTester, make_batch
 
 
 class TestSupervised(MethodTester):
+    permissive_kwargs: dict = {"reco_weight": 1.0}  # no pseudo-labels; the ReCo term exercises reco_loss
     method_cls = Supervised
 
 
