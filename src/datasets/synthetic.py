@@ -40,6 +40,7 @@ BLOB_RADIUS = (5.0, 13.0)
 STROKE_COUNT = (1, 4)
 NOISE_STD = (0.01, 0.04)  # sensor noise, in [0, 1] intensity units
 GRADIENT_STRENGTH = (0.3, 0.9)  # brightness change from one side of the image to the other
+CACHE_BYTES = 256 * 2**20  # painted scenes kept per process (2,000 default images take 74 MB)
 MIN_CONTRAST = 0.4  # least brightness gap between an instance's two colours, so its texture shows
 TEXTURE_PERIOD = (5.0, 7.0)  # half a stripe cycle
 BLOB_CLASS_TEXTURE = 0.0  # chance that a blob wears a foreground texture (kept as a knob; 0 trains fastest)
@@ -336,8 +337,10 @@ class SyntheticDataset(SegmentationDataset):
         self.seed = seed
         count = {"train": num_train, "val": num_val, "test": num_test}[split]
         self.ids = [f"{split}_{i:05d}" for i in range(count)]
-        # load_image and load_mask of one index are called back to back: keep the last scene.
-        self._last: tuple[int, np.ndarray, np.ndarray] | None = None
+        # Painted scenes, kept up to CACHE_BYTES per process (each loader worker holds its own):
+        # a training run draws every image many times, and painting one costs milliseconds of CPU.
+        self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._cache_bytes = 0
 
     def _rng(self, index: int) -> np.random.Generator:
         if not 0 <= index < len(self.ids):
@@ -345,16 +348,20 @@ class SyntheticDataset(SegmentationDataset):
         return np.random.default_rng([self.seed, SPLITS[self.split], index])
 
     def _scene(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        if self._last is None or self._last[0] != index:
-            image, mask = generate_scene(self._rng(index), self.image_size)
-            self._last = (index, image, mask)
-        return self._last[1], self._last[2]
+        scene = self._cache.get(index)
+        if scene is None:
+            scene = generate_scene(self._rng(index), self.image_size)
+            size = scene[0].nbytes + scene[1].nbytes
+            if self._cache_bytes + size <= CACHE_BYTES:
+                self._cache[index] = scene
+                self._cache_bytes += size
+        return scene
 
     def load_image(self, index: int) -> np.ndarray:
-        return self._scene(index)[0]
+        return self._scene(index)[0].copy()  # copies: the caller may change them, the cache must not
 
     def load_mask(self, index: int) -> np.ndarray:
-        return self._scene(index)[1]
+        return self._scene(index)[1].copy()
 
     def class_sets(self) -> list[set[int]]:
         """Classes of every sample, from the scene layouts alone (about 10x cheaper than painting)."""
