@@ -208,6 +208,8 @@ def table(results: list[dict[str, Any]], floor: dict[str, float] | None = None) 
         **{f"{part} ms": (frame[part] * 1e3).round(1) for part in PARTS},
         "peak MiB": frame["peak_memory_mib"].round(0).astype(int),
     })
+    for column in ("floor ms", "x floor"):  # methods without a floor rule (or no floor measured)
+        out[column] = out[column].astype(object).where(out[column].notna(), "–")
     out.index.name = "method"
     return markdown_table(out)
 

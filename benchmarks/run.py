@@ -367,7 +367,10 @@ def _checkpoint_step(path: Path) -> int | None:
 
 
 def launch(spec: RunSpec, common: Sequence[str], workers: int, stream: IO[str]) -> Running:
-    """Start one run (resuming from its ``last.ckpt`` if there is one) with its output in the run dir."""
+    """Start one run (resuming from its ``last.ckpt`` if there is one) with its output in the run dir.
+
+    ``workers``: how many runs share the cores with this one (each gets its share of threads).
+    """
     run_dir = spec.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     last = run_dir / "checkpoints" / "last.ckpt"
@@ -742,7 +745,9 @@ def _run_specs(
             while pending and len(running) < workers:
                 spec = pending.pop(0)
                 atomic_write_json(spec.run_dir / "command.json", {"train_args": common})
-                running.append(launch(spec, common, workers, stream))
+                # Runs that will share the cores with this one: a grid's last run gets them all.
+                sharing = min(workers, len(running) + 1 + len(pending))
+                running.append(launch(spec, common, sharing, stream))
             time.sleep(poll_s)
             for run in list(running):
                 exited = _reap(run.process)

@@ -31,7 +31,7 @@ def test_table_ratios_to_supervised():
          "peak_memory_mib": 150.0},
     ]
     text = table(rows)
-    assert "| reco | 250.0 | 2.5 | 64.0 |" in text
+    assert "| reco | 250.0 | 2.5 | – | – | 64.0 |" in text  # no floor measured
     assert "| supervised | 100.0 | 1.0 |" in text
 
 
