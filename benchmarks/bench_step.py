@@ -106,12 +106,12 @@ def measure(method: str, args: argparse.Namespace) -> dict[str, Any]:
                 "--trainer.default_root_dir", tmp,
                 "--trainer.logger", "false",
                 *STEADY_STATE.get(method, []),
+                *(["--model.init_args.channels_last", "true"] if args.channels_last else []),
+                *(["--model.init_args.compile", "true"] if args.compile else []),
             ],
             run=False,
         )
         model, datamodule = cli.model, cli.datamodule
-        if args.channels_last:
-            model = model.to(memory_format=torch.channels_last)
         records: list[dict[str, float]] = []
 
         class StepTimer(pl.Callback):
@@ -221,7 +221,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--methods", default="all", help="comma list of methods, or all")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--precision", default="32-true", help="e.g. bf16-mixed on a GPU")
-    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--channels-last", action="store_true", help="networks and inputs in channels-last format")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the networks (raise --warmup)")
     parser.add_argument("--batch", type=int, default=8, help="labeled (and unlabeled) images per step")
     parser.add_argument("--crop", type=int, default=64)
     parser.add_argument("--labels", type=int, default=15)

@@ -155,6 +155,11 @@ class Segmenter(nn.Module):
         clean, perturbed = logits.chunk(2)
         return clean, perturbed
 
+    def compile_parts(self) -> None:
+        """``torch.compile`` the encoder, decoder and head in place: every forward path uses them."""
+        for part in (self.model.encoder, self.model.decoder, self.model.segmentation_head):
+            part.compile()
+
     def forward(self, images: Tensor) -> Tensor:
         """Logits (B, C, H, W) at the input size."""
         return self.forward_features(images)[0]

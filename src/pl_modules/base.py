@@ -76,6 +76,10 @@ class SemiSupervisedModule(pl.LightningModule):
             ``data.scale_range``, the labeled images' range, as the reference does).
         init_from: Checkpoint (any method's, or a reconstruction pretraining run's) whose matching
             parameters initialise the student; the others are listed in one warning.
+        channels_last: Keep the networks and the input images in channels-last memory format
+            (faster convolutions on GPUs with tensor cores, notably under bf16).
+        compile: ``torch.compile`` the networks' encoder, decoder and head in place (parameter
+            names, checkpoints and every forward path unchanged); the first steps pay for compiling.
     """
 
     name = "base"
@@ -105,6 +109,8 @@ class SemiSupervisedModule(pl.LightningModule):
         representation_dim: int = 256,
         scale_range: tuple[float, float] = (0.75, 1.25),
         init_from: str | None = None,
+        channels_last: bool = False,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         if teacher_bn not in TEACHER_BN_MODES:
@@ -128,9 +134,17 @@ class SemiSupervisedModule(pl.LightningModule):
         if init_from is not None:
             load_matching(self.student, init_from)
         self.teacher: Segmenter | None = None
+        if channels_last:
+            self.student.to(memory_format=torch.channels_last)
+            if self.rep_head is not None:
+                self.rep_head.to(memory_format=torch.channels_last)
         if self.uses_teacher:
             self.teacher = copy.deepcopy(self.student).requires_grad_(False)
             self.set_teacher_mode()
+        if compile:
+            for network in (self.student, self.teacher):
+                if network is not None:
+                    network.compile_parts()
 
         roles = ["student"] + (["teacher"] if self.teacher is not None else [])
         self.val_confusions = nn.ModuleDict(
@@ -180,8 +194,8 @@ class SemiSupervisedModule(pl.LightningModule):
         raise NotImplementedError(f"{type(self).__name__} must implement compute_losses")
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """uint8 images from the loaders become float [0, 1] on the device."""
-        return _images_to_float(batch)
+        """uint8 images from the loaders become float [0, 1] on the device (channels-last if asked)."""
+        return _images_to_float(batch, self.hparams.get("channels_last", False))
 
     def training_step(self, batch: dict[str, dict[str, Tensor]], batch_idx: int) -> Tensor:
         losses = self.compute_losses(batch)
@@ -357,13 +371,19 @@ def _mean_iou(iou: Tensor) -> float:
     return 0.0 if torch.isnan(iou).all() else float(torch.nanmean(iou)) * 100
 
 
-def _images_to_float(batch: Any) -> Any:
+def _images_to_float(batch: Any, channels_last: bool = False) -> Any:
     if isinstance(batch, dict):
-        return {
-            k: (v.float().div_(255) if k == "image" and v.dtype == torch.uint8 else _images_to_float(v))
-            for k, v in batch.items()
-        }
+        return {k: _image_to_float(v, channels_last) if k == "image" else _images_to_float(v, channels_last)
+                for k, v in batch.items()}
     return batch
+
+
+def _image_to_float(images: Tensor, channels_last: bool) -> Tensor:
+    if images.dtype == torch.uint8:
+        images = images.float().div_(255)
+    if channels_last and images.dim() == 4:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images
 
 
 @torch.no_grad()

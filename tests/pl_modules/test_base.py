@@ -42,3 +42,40 @@ def test_palette_and_grid():
     masks = torch.zeros(2, 8, 10, dtype=torch.long)
     grid = prediction_grid([(images, masks, masks), (images[:1], masks[:1], masks[:1])], num_classes=3)
     assert grid.shape == (3, 8 * 3, 10 * 3)
+
+
+def _fast_path_module(**kwargs):
+    from src.pl_modules import CutMix
+    from tests.pl_modules.method_tester import tiny_kwargs
+
+    torch.manual_seed(0)
+    # No ASPP dropout: a dropout mask is drawn in memory order, so channels-last would draw another one.
+    options = {**tiny_kwargs(), "model_options": {"decoder_channels": 32, "decoder_aspp_dropout": 0.0}}
+    return CutMix(**options, **kwargs)
+
+
+def test_channels_last_gives_the_same_step():
+    from tests.pl_modules.method_tester import make_batch
+
+    plain, fast = _fast_path_module(), _fast_path_module(channels_last=True)
+    conv = next(m for m in fast.student.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    batch = fast.on_after_batch_transfer(make_batch(2), 0)
+    assert batch["unlabeled"]["image"].is_contiguous(memory_format=torch.channels_last)
+    losses = []
+    for module in (plain, fast):
+        torch.manual_seed(1)
+        losses.append(module.compute_losses(batch))
+    for key in losses[0]:
+        torch.testing.assert_close(losses[0][key], losses[1][key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_compile_keeps_parameter_names_and_outputs():
+    plain, compiled = _fast_path_module(), _fast_path_module(compile=True)
+    assert list(plain.state_dict()) == list(compiled.state_dict())
+    images = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = plain.student.eval()(images)
+        logits, _ = compiled.student.eval().forward_features(images)
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+    assert compiled.student.model.encoder._compiled_call_impl is not None
