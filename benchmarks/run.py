@@ -167,13 +167,18 @@ class GridState:
 
 
 # ---------------------------------------------------------------------------- arguments
+def dataset_kind(dataset: str) -> str:
+    """The key of PROFILES and METHOD_ARGS: ``synthetic``, or ``real`` for every dataset on disk."""
+    return "synthetic" if dataset == "synthetic" else "real"
+
+
 def profile_args(profile: str, dataset: str, data_root: str | None = None) -> list[str]:
     """The training arguments that a profile and a dataset add after the method's YAML."""
     if profile not in PROFILES:
         raise GridError(f"--profile {profile!r}: expected one of {sorted(PROFILES)}")
     if dataset not in DATASETS:
         raise GridError(f"--dataset {dataset!r}: expected one of {list(DATASETS)}")
-    kind = "synthetic" if dataset == "synthetic" else "real"
+    kind = dataset_kind(dataset)
     if kind not in PROFILES[profile] or (profile == "paper" and dataset not in PAPER_DATASETS):
         raise GridError(f"profile {profile!r} has settings for {list(PAPER_DATASETS)} only, not {dataset!r}")
     if dataset == "synthetic":
@@ -668,12 +673,12 @@ def run_grid(
     common = profile_args(profile, dataset, data_root) + check_passthrough(extra_args)
     out = Path(out if out is not None else default_out(dataset, profile)).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    kind = "synthetic" if dataset == "synthetic" else "real"
     specs = [
-        RunSpec(0, 0, m, n, s, out / "runs" / m / f"labels{n}" / f"seed{s}",
-                method_args=tuple(METHOD_ARGS.get((kind, m.rpartition("+")[2]), ())))
+        RunSpec(0, 0, m, n, s, out / "runs" / m / f"labels{n}" / f"seed{s}")
         for m in methods for n in labels for s in seeds
     ]
+    for spec in specs:
+        spec.method_args = tuple(METHOD_ARGS.get((dataset_kind(dataset), spec.config_name), ()))
     # Two-stage methods: one pretraining run per (pretraining method, seed), shared by every budget.
     pretraining: dict[tuple[str, int], RunSpec] = {}
     for spec in specs:

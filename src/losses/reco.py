@@ -11,10 +11,11 @@ pixels of that class. Gradients flow only through the queries.
 Design (METHODS.md 5.1): valid pixels are sorted by class (CSR layout: counts and offsets per
 class; a second sort gives the hard pixels), so every random pick is index arithmetic on a batch
 of uniform numbers and the negative classes come from one ``torch.searchsorted`` on the graph's
-rows (inverse transform sampling). There is no Python loop over queries, negatives or pixels. The keys, ``Q * K * D`` floats per class, are
-gathered one chunk of classes at a time; each chunk's gradient with respect to its queries is
-computed in the same pass, so a chunk's keys are freed before the next one is gathered and the
-peak memory is one chunk, not every class's keys kept alive for the backward pass.
+rows (inverse transform sampling). There is no Python loop over queries, negatives or pixels.
+The keys, ``Q * K * D`` floats per class, are gathered one chunk of classes at a time; each
+chunk's gradient with respect to its queries is computed in the same pass, so a chunk's keys are
+freed before the next one is gathered and the peak memory is one chunk, not every class's keys
+kept alive for the backward pass.
 """
 
 from __future__ import annotations

@@ -195,7 +195,7 @@ class SemiSupervisedModule(pl.LightningModule):
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """uint8 images from the loaders become float [0, 1] on the device (channels-last if asked)."""
-        return _images_to_float(batch, self.hparams.get("channels_last", False))
+        return _images_to_float(batch, self.hparams.channels_last)
 
     def training_step(self, batch: dict[str, dict[str, Tensor]], batch_idx: int) -> Tensor:
         losses = self.compute_losses(batch)
