@@ -2,8 +2,10 @@
 
     python benchmarks/report.py results/synthetic-default [more dirs ...] [--best] [--out DIR]
 
-Reads every ``runs/<method>/labels<N>/seed<S>/result.json`` under the given directories and
-writes, into ``--out`` (default: the one directory given):
+Reads every ``runs/<method>/labels<N>/seed<S>/result.json`` under the given directories (or a
+directory's ``runs.csv`` when its run directories are gone; a run in several directories counts
+once, the copy from the last directory given) and writes, into ``--out`` (default: the one
+directory given):
 
 - ``runs.csv``: one row per run (metrics, per-class IoU, protocol switches, cost, provenance);
 - ``summary.md``: mIoU by method x label budget as ``mean ± std`` over seeds (sample std; a
@@ -66,6 +68,35 @@ def load_results(dirs: Sequence[str | Path]) -> tuple[list[dict[str, Any]], list
     return records, grids
 
 
+def load_frame(dirs: Sequence[str | Path]) -> tuple[pd.DataFrame, list[dict[str, Any]]]:
+    """One row per run from ``dirs``, in order (a later directory's copy of a run wins), and the grids.
+
+    A directory without run records but with a ``runs.csv`` (a committed summary whose run
+    directories are gone) contributes that table's rows.
+    """
+    frames, grids = [], []
+    for directory in map(Path, dirs):
+        records, dir_grids = load_results([directory])
+        grids += dir_grids
+        if records:
+            frames.append(runs_frame(records))
+        elif (directory / "runs.csv").is_file():
+            frames.append(pd.read_csv(directory / "runs.csv"))
+    frames = [frame for frame in frames if not frame.empty]
+    return (dedupe(pd.concat(frames, ignore_index=True)) if frames else pd.DataFrame()), grids
+
+
+def dedupe(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` with one row per (method, labels, seed), the last copy of each, sorted by that key."""
+    key = ["method", "labels", "seed"]
+    duplicated = frame.duplicated(key, keep="last")
+    if duplicated.any():
+        twice = frame.loc[duplicated, key].to_dict("records")
+        warnings.warn(f"runs found more than once, the last copy is used: {twice}", stacklevel=2)
+        frame = frame.loc[~duplicated]
+    return frame.sort_values(key, kind="stable").reset_index(drop=True)
+
+
 def runs_frame(records: Sequence[dict[str, Any]]) -> pd.DataFrame:
     """One row per run; a run found twice (same method, budget, seed) keeps its last copy."""
     rows = []
@@ -101,15 +132,7 @@ def runs_frame(records: Sequence[dict[str, Any]]) -> pd.DataFrame:
         row.update({f"test_iou/{name}": v for name, v in (record.get("test_iou") or {}).items()})
         rows.append(row)
     frame = pd.DataFrame(rows)
-    if frame.empty:
-        return frame
-    key = ["method", "labels", "seed"]
-    duplicated = frame.duplicated(key, keep="last")
-    if duplicated.any():
-        twice = frame.loc[duplicated, key].to_dict("records")
-        warnings.warn(f"runs found more than once, the last copy is used: {twice}", stacklevel=2)
-        frame = frame.loc[~duplicated]
-    return frame.sort_values(key, kind="stable").reset_index(drop=True)
+    return frame if frame.empty else dedupe(frame)
 
 
 def format_cell(values: pd.Series, num_failed: int, expected_n: int) -> str:
@@ -200,10 +223,9 @@ def write_report(
 ) -> str:
     """Write ``runs.csv``, ``summary.md`` and ``miou_vs_labels.png`` into ``out``; print and return the summary."""
     stream = stream or sys.stdout
-    records, grids = load_results(dirs)
+    frame, grids = load_frame(dirs)
     out = Path(out)
     method_order = [m for grid in grids for m in grid.get("methods", [])]
-    frame = runs_frame(records)
     metric = "val_miou_best" if best else "val_miou_last"
     if frame.empty:
         text = f"no results under {', '.join(map(str, dirs))}\n"

@@ -117,3 +117,21 @@ def test_mixed_settings_are_flagged(tmp_path: Path) -> None:
     directory = write_runs(tmp_path / "res", [*RECORDS, other])
     text = write_report([directory], directory, stream=io.StringIO())
     assert "different settings" in text and "supervised" in text.split("different settings")[1]
+
+
+def test_committed_runs_csv_combines_with_new_runs(tmp_path: Path) -> None:
+    # An earlier session's table (run directories gone, runs.csv kept), then new seeds and one rerun.
+    earlier = write_runs(tmp_path / "earlier", [r for r in RECORDS if r["seed"] == 0])
+    write_report([earlier], earlier, stream=io.StringIO())
+    for path in sorted((earlier / "runs").rglob("result.json")):
+        path.unlink()
+    rerun = record("reco", 15, 0, 80.0)  # the later directory's copy wins
+    later = write_runs(tmp_path / "later", [*(r for r in RECORDS if r["seed"] > 0), rerun])
+    with pytest.warns(UserWarning, match="more than once"):
+        text = write_report([earlier, later], tmp_path / "all", stream=io.StringIO())
+    runs = pd.read_csv(tmp_path / "all" / "runs.csv")
+    assert len(runs) == len(RECORDS)
+    assert runs.loc[(runs["method"] == "reco") & (runs["labels"] == 15) & (runs["seed"] == 0), "val_miou_last"].item() == 80.0
+    assert "| supervised | 42.0 ± 2.0 | 51.0 ± 1.4 (n=2) |" in text
+    assert "| reco | 62.0 ± 2.8 (n=2, 1 failed) | 74.3 ± 4.9 |" in text
+    assert "val_iou/background" in runs.columns
