@@ -172,6 +172,11 @@ def dataset_kind(dataset: str) -> str:
     return "synthetic" if dataset == "synthetic" else "real"
 
 
+def method_args(dataset: str, config_name: str) -> tuple[str, ...]:
+    """The training arguments METHOD_ARGS adds for ``config_name`` (a method's YAML) on ``dataset``."""
+    return tuple(METHOD_ARGS.get((dataset_kind(dataset), config_name), ()))
+
+
 def profile_args(profile: str, dataset: str, data_root: str | None = None) -> list[str]:
     """The training arguments that a profile and a dataset add after the method's YAML."""
     if profile not in PROFILES:
@@ -678,7 +683,7 @@ def run_grid(
         for m in methods for n in labels for s in seeds
     ]
     for spec in specs:
-        spec.method_args = tuple(METHOD_ARGS.get((dataset_kind(dataset), spec.config_name), ()))
+        spec.method_args = method_args(dataset, spec.config_name)
     # Two-stage methods: one pretraining run per (pretraining method, seed), shared by every budget.
     pretraining: dict[tuple[str, int], RunSpec] = {}
     for spec in specs:

@@ -24,8 +24,10 @@ from benchmarks.run import (
     config_hashes,
     format_duration,
     main,
+    method_args,
     profile_args,
     resolve_methods,
+    run_command,
     run_grid,
     show_progress,
 )
@@ -249,6 +251,21 @@ def test_profiles_and_passthrough() -> None:
         "--trainer.devices", "2", "--trainer.precision=bf16-mixed",
     ]
     assert check_passthrough(["--config", SMOKE]) == ["--config", SMOKE]
+
+
+def test_reco_gets_the_paper_queries_on_real_datasets_only(tmp_path: Path) -> None:
+    reco_yaml = yaml.safe_load((REPO / "configs" / "reco.yaml").read_text())
+    assert reco_yaml["model"]["init_args"]["num_queries"] == 128  # the CPU profile's choice
+    assert method_args("synthetic", "reco") == ()
+    assert method_args("synthetic", "supervised") == method_args("pascal_voc", "supervised") == ()
+    for dataset in ("pascal_voc", "cityscapes", "folder"):
+        assert method_args(dataset, "reco") == ("--model.init_args.num_queries", "256")
+    # After the dataset overlay and the passthrough, so that they win over both YAMLs.
+    spec = RunSpec(1, 1, "reco", 60, 0, tmp_path / "run", method_args=method_args("pascal_voc", "reco"))
+    common = profile_args("paper", "pascal_voc", "/data/voc")
+    command = run_command(spec, common, resume=None)
+    assert command.index("--model.init_args.num_queries") > command.index(common[-1])
+    assert command[command.index("--model.init_args.num_queries") + 1] == "256"
 
 
 def test_config_hash_ignores_run_paths_and_settings_hash_ignores_budget() -> None:
