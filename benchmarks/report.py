@@ -168,8 +168,19 @@ def summary_table(frame: pd.DataFrame, metric: str, method_order: Sequence[str] 
 
 
 def _method_order(methods: Sequence[str], preferred: Sequence[str]) -> list[str]:
-    first = [m for m in preferred if m in methods]
-    return first + sorted(m for m in methods if m not in first)
+    """``preferred`` first, each name followed by its two-stage variants (``recon+supervised`` after ``supervised``)."""
+    order: list[str] = []
+    for name in preferred:
+        variants = sorted(m for m in methods if "+" in m and m.rpartition("+")[2] == name)
+        order += [m for m in (name, *variants) if m in methods and m not in order]
+    return order + sorted(m for m in methods if m not in order)
+
+
+def suite_order() -> list[str]:
+    """The methods in the suite's registry order (supervised first), the order of every table."""
+    from src.pl_modules import METHODS
+
+    return list(METHODS)
 
 
 def markdown_table(table: pd.DataFrame) -> str:
@@ -223,9 +234,9 @@ def write_report(
 ) -> str:
     """Write ``runs.csv``, ``summary.md`` and ``miou_vs_labels.png`` into ``out``; print and return the summary."""
     stream = stream or sys.stdout
-    frame, grids = load_frame(dirs)
+    frame, _ = load_frame(dirs)
     out = Path(out)
-    method_order = [m for grid in grids for m in grid.get("methods", [])]
+    method_order = suite_order()
     metric = "val_miou_best" if best else "val_miou_last"
     if frame.empty:
         text = f"no results under {', '.join(map(str, dirs))}\n"

@@ -10,7 +10,7 @@ from typing import Any
 import pandas as pd
 import pytest
 
-from benchmarks.report import format_cell, main, runs_frame, summary_table, write_report
+from benchmarks.report import _method_order, format_cell, main, runs_frame, suite_order, summary_table, write_report
 
 
 def record(method: str, labels: int, seed: int, miou: float | None, status: str = "ok", **extra: Any) -> dict[str, Any]:
@@ -63,6 +63,14 @@ def test_format_cell() -> None:
     assert format_cell(pd.Series([50.0, 52.0]), 0, 3) == "51.0 ± 1.4 (n=2)"
     assert format_cell(pd.Series([60.0]), 1, 2) == "60.0 (n=1, 1 failed)"
     assert format_cell(pd.Series([], dtype=float), 2, 2) == "– (n=0, 2 failed)"
+
+
+def test_tables_list_methods_in_the_suite_order_whatever_the_grids() -> None:
+    order = suite_order()
+    assert order[0] == "supervised"
+    methods = ["unimatch", "recon+supervised", "zzz", "c3semiseg", "supervised", "reco"]
+    expected = ["supervised", "recon+supervised", "reco", "unimatch", "c3semiseg", "zzz"]
+    assert _method_order(methods, order) == expected
 
 
 def test_summary_table_mean_std_missing_and_failed() -> None:
