@@ -196,6 +196,15 @@ def _budget_name(labels: int) -> str:
     return "all" if labels == 0 else str(labels)
 
 
+def method_curves(ok: pd.DataFrame, metric: str, budgets: Sequence[int]) -> dict[str, pd.DataFrame]:
+    """Per method, ``mean``/``std``/``count`` of ``metric`` at every budget: NaN where it has no run,
+    so that its plotted line breaks there instead of joining the budgets on either side."""
+    return {
+        method: group.groupby("labels")[metric].agg(["mean", "std", "count"]).reindex(budgets)
+        for method, group in ok.groupby("method")
+    }
+
+
 def plot_miou(frame: pd.DataFrame, metric: str, title: str, method_order: Sequence[str] = ()) -> bytes:
     """PNG of mean ``metric`` against the label budget (log axis), one line per method, std error bars."""
     ok = frame[(frame["status"] == "ok") & frame[metric].notna()]
@@ -203,8 +212,9 @@ def plot_miou(frame: pd.DataFrame, metric: str, title: str, method_order: Sequen
     budgets = sorted(ok["labels"].unique()) if not ok.empty else []
     # A full-label run (labels=0) goes one step right of the largest budget.
     position = {b: (b if b > 0 else max([v for v in budgets if v > 0], default=1) * 2) for b in budgets}
-    for method in _method_order(ok["method"].unique(), method_order):
-        stats = ok[ok["method"] == method].groupby("labels")[metric].agg(["mean", "std", "count"])
+    curves = method_curves(ok, metric, budgets)
+    for method in _method_order(list(curves), method_order):
+        stats = curves[method]
         x = [position[b] for b in stats.index]
         axis.errorbar(x, stats["mean"], yerr=stats["std"].fillna(0.0), marker="o", capsize=3, label=method)
     axis.set_xscale("log")

@@ -10,7 +10,9 @@ from typing import Any
 import pandas as pd
 import pytest
 
-from benchmarks.report import _method_order, format_cell, main, runs_frame, suite_order, summary_table, write_report
+from benchmarks.report import (
+    _method_order, format_cell, main, method_curves, runs_frame, suite_order, summary_table, write_report,
+)
 
 
 def record(method: str, labels: int, seed: int, miou: float | None, status: str = "ok", **extra: Any) -> dict[str, Any]:
@@ -71,6 +73,15 @@ def test_tables_list_methods_in_the_suite_order_whatever_the_grids() -> None:
     methods = ["unimatch", "recon+supervised", "zzz", "c3semiseg", "supervised", "reco"]
     expected = ["supervised", "recon+supervised", "reco", "unimatch", "c3semiseg", "zzz"]
     assert _method_order(methods, order) == expected
+
+
+def test_a_missing_budget_breaks_the_plotted_line() -> None:
+    frame = pd.DataFrame({"method": ["a", "a", "b", "b", "b"], "labels": [5, 60, 5, 15, 60],
+                          "val_miou_last": [10.0, 50.0, 12.0, 30.0, 52.0]})
+    curves = method_curves(frame, "val_miou_last", [5, 15, 60])
+    assert list(curves["a"].index) == [5, 15, 60]
+    assert curves["a"]["mean"].isna().tolist() == [False, True, False]
+    assert curves["b"]["mean"].tolist() == [12.0, 30.0, 52.0]
 
 
 def test_summary_table_mean_std_missing_and_failed() -> None:
