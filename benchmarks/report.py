@@ -51,39 +51,35 @@ PROTOCOL_COLUMNS = (
 )
 
 
-def load_results(dirs: Sequence[str | Path]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Every run record under ``dirs`` (``runs/*/*/*/result.json``) and each directory's ``grid.json``."""
-    records, grids = [], []
+def load_results(dirs: Sequence[str | Path]) -> list[dict[str, Any]]:
+    """Every run record under ``dirs`` (``runs/*/*/*/result.json``)."""
+    records = []
     for directory in map(Path, dirs):
         if not directory.is_dir():
             raise FileNotFoundError(f"no result directory {directory}")
-        grid = directory / "grid.json"
-        if grid.is_file():
-            grids.append(json.loads(grid.read_text()))
         for path in sorted(directory.glob("runs/*/*/*/result.json")):
             try:
                 records.append(json.loads(path.read_text()))
             except ValueError:
                 warnings.warn(f"{path}: not valid JSON, skipped", stacklevel=2)
-    return records, grids
+    return records
 
 
-def load_frame(dirs: Sequence[str | Path]) -> tuple[pd.DataFrame, list[dict[str, Any]]]:
-    """One row per run from ``dirs``, in order (a later directory's copy of a run wins), and the grids.
+def load_frame(dirs: Sequence[str | Path]) -> pd.DataFrame:
+    """One row per run from ``dirs``, in order (a later directory's copy of a run wins).
 
     A directory without run records but with a ``runs.csv`` (a committed summary whose run
     directories are gone) contributes that table's rows.
     """
-    frames, grids = [], []
+    frames = []
     for directory in map(Path, dirs):
-        records, dir_grids = load_results([directory])
-        grids += dir_grids
+        records = load_results([directory])
         if records:
             frames.append(runs_frame(records))
         elif (directory / "runs.csv").is_file():
             frames.append(pd.read_csv(directory / "runs.csv"))
     frames = [frame for frame in frames if not frame.empty]
-    return (dedupe(pd.concat(frames, ignore_index=True)) if frames else pd.DataFrame()), grids
+    return dedupe(pd.concat(frames, ignore_index=True)) if frames else pd.DataFrame()
 
 
 def dedupe(frame: pd.DataFrame) -> pd.DataFrame:
@@ -244,7 +240,7 @@ def write_report(
 ) -> str:
     """Write ``runs.csv``, ``summary.md`` and ``miou_vs_labels.png`` into ``out``; print and return the summary."""
     stream = stream or sys.stdout
-    frame, _ = load_frame(dirs)
+    frame = load_frame(dirs)
     out = Path(out)
     method_order = suite_order()
     metric = "val_miou_best" if best else "val_miou_last"
