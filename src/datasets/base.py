@@ -13,6 +13,7 @@ Conventions shared by the whole suite:
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,7 @@ class DatasetError(ValueError):
     """Bad data on disk or a bad dataset option; the message names the file or option."""
 
 
-class SegmentationDataset(Dataset):
+class SegmentationDataset(Dataset, ABC):
     """Samples of one split: ``ids`` names them, subclasses say how to read them.
 
     Subclasses set ``self.classes`` and ``self.ids`` in ``__init__`` and implement
@@ -51,13 +52,13 @@ class SegmentationDataset(Dataset):
     def __len__(self) -> int:
         return len(self.ids)
 
+    @abstractmethod
     def load_image(self, index: int) -> np.ndarray:
         """The RGB image of sample ``index`` as uint8 (H, W, 3)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def load_mask(self, index: int) -> np.ndarray | None:
         """The class-index mask of sample ``index`` as uint8 (H, W), or None if unlabeled."""
-        raise NotImplementedError
 
     def has_mask(self, index: int) -> bool:
         return self.load_mask(index) is not None

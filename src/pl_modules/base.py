@@ -10,6 +10,7 @@ logging and the best-score bookkeeping. A method subclasses it and implements
 from __future__ import annotations
 
 import copy
+from abc import ABC, abstractmethod
 import math
 import warnings
 from pathlib import Path
@@ -48,7 +49,7 @@ def iou_from_confusion(confusion: Tensor) -> tuple[Tensor, Tensor]:
     return iou, accuracy
 
 
-class SemiSupervisedModule(pl.LightningModule):
+class SemiSupervisedModule(pl.LightningModule, ABC):
     """Base of every method: networks, EMA teacher, optimizer, evaluation and logging.
 
     Args:
@@ -189,9 +190,9 @@ class SemiSupervisedModule(pl.LightningModule):
         return total / (masks != self.ignore_index).sum().clamp(min=1)
 
     # ------------------------------------------------------------------ training
+    @abstractmethod
     def compute_losses(self, batch: dict[str, dict[str, Tensor]]) -> dict[str, Tensor]:
         """Losses of one step: ``"loss"`` is optimised, every entry is logged as ``train/<key>``."""
-        raise NotImplementedError(f"{type(self).__name__} must implement compute_losses")
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """uint8 images from the loaders become float [0, 1] on the device (channels-last if asked)."""
