@@ -10,8 +10,8 @@ pixels of that class. Gradients flow only through the queries.
 
 Design (METHODS.md 5.1): valid pixels are sorted by class (CSR layout: counts and offsets per
 class; a second sort gives the hard pixels), so every random pick is index arithmetic on a batch
-of uniform numbers and the negative classes come from one ``torch.searchsorted`` on the graph's
-rows (inverse transform sampling). There is no Python loop over queries, negatives or pixels.
+of random integers, and each query's negative classes are one multinomial draw over its row of
+the graph (`uniform_sampler`). There is no Python loop over queries, negatives or pixels.
 The keys, ``Q * K * D`` floats per class, are gathered one chunk of classes at a time; each
 chunk's gradient with respect to its queries is computed in the same pass, so a chunk's keys are
 freed before the next one is gathered and the peak memory is one chunk, not every class's keys
@@ -69,30 +69,42 @@ def uniform_sampler(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """ReCo's sampling: queries uniform with replacement, negative classes ~ graph rows, keys uniform.
 
-    Numbers are drawn on the generator's device (the device of ``counts`` without one) and moved.
+    A query's K negative classes are i.i.d. draws from its row of the graph. The loss does not
+    depend on their order, so what is drawn is how many of the K come from each class, a
+    multinomial, as a chain of binomials (class j takes Binomial(K - taken so far, p_j / mass of
+    classes j..n-1)); the classes are then laid out in ascending order inside each query. The
+    same distribution as K draws of ``torch.multinomial``, with one vectorised draw per class
+    instead of one per key. Positions are uniform integers: 62 random bits modulo the size (a
+    bias under size / 2**62). Numbers are drawn on the generator's device (the device of
+    ``counts`` without one) and moved.
     """
     device = counts.device
     draw_device = generator.device if generator is not None else device
-    rows = hard_counts.shape[0]
+    rows, num_present = graph.shape
 
     def positions(size: Tensor, *shape: int) -> Tensor:
-        # floor(U * size) in float64 (exact for sizes far beyond 2**24); the minimum guards rounding up.
-        u = torch.rand(shape, generator=generator, device=draw_device, dtype=torch.float64).to(device)
-        return torch.minimum((u * size).long(), size - 1)
+        bits = torch.randint(0, 2**62, shape, generator=generator, device=draw_device).to(device)
+        return bits.remainder_(size)
 
     query_positions = positions(hard_counts[:, None], rows, num_queries)
-    # Negative classes by inverse transform sampling: the first class whose cumulative probability
-    # exceeds U * total. The same distribution as torch.multinomial with replacement, at a fraction
-    # of its cost on CPU. A zero-probability class has an empty interval, so it is never drawn; the
-    # minimum keeps a rounding of U * total up to the total on the last class that can be drawn.
     weights = graph.to(device=draw_device, dtype=torch.float64)
-    cdf = weights.cumsum(dim=1)
-    u = torch.rand((rows, num_queries * num_negatives), generator=generator, device=draw_device, dtype=torch.float64)
-    drawn = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)
-    column = torch.arange(weights.shape[1], device=draw_device)
+    mass_from = weights.flip(1).cumsum(dim=1).flip(1)  # (q, n): the mass of classes j..n-1
+    share = torch.where(weights > 0, weights / mass_from.clamp(min=torch.finfo(torch.float64).tiny), 0.0)
+    # The last class that can be drawn takes whatever is left, so every query gets exactly K.
+    column = torch.arange(num_present, device=draw_device)
     last_drawable = torch.where(weights > 0, column, 0).amax(dim=1, keepdim=True)
-    negative_classes = torch.minimum(drawn, last_drawable).to(device).view(rows, num_queries, num_negatives)
-    negative_positions = positions(counts[negative_classes], rows, num_queries, num_negatives)
+    share = torch.where(column == last_drawable, 1.0, share.clamp(max=1.0))
+    left = torch.full((rows, num_queries), float(num_negatives), dtype=torch.float64, device=draw_device)
+    taken = torch.empty(rows, num_queries, num_present, dtype=torch.float64, device=draw_device)
+    for j in range(num_present):  # a loop over the present classes, not over queries or keys
+        taken[..., j] = torch.binomial(left, share[:, j, None].expand_as(left).contiguous(), generator=generator)
+        left -= taken[..., j]
+    classes = column.repeat(rows * num_queries).repeat_interleave(
+        taken.flatten().long(), output_size=rows * num_queries * num_negatives
+    )
+    negative_classes = classes.to(device).view(rows, num_queries, num_negatives)
+    sizes = counts.index_select(0, negative_classes.flatten()).view_as(negative_classes)
+    negative_positions = positions(sizes, rows, num_queries, num_negatives)
     return query_positions, negative_classes, negative_positions
 
 

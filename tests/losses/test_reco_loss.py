@@ -284,6 +284,24 @@ def test_negative_classes_follow_the_class_graph():
         assert chi_square_pvalue(counts[others]) < 1e-6  # the graph is far from uniform: the test has power
 
 
+def test_each_query_draws_its_negative_classes_independently():
+    # Per query, the count of a class among its K negatives is Binomial(K, pi): its spread over
+    # queries shows the draws are independent per key (a fixed share per query has variance 0).
+    graph = torch.tensor([[0.0, 0.7, 0.2, 0.1], [0.5, 0.0, 0.0, 0.5]], dtype=torch.float64)
+    counts = torch.tensor([30, 40, 50, 60])
+    Q, K = 4000, 64
+    _, classes, positions = uniform_sampler(torch.tensor([5, 7]), counts, graph, Q, K,
+                                            torch.Generator().manual_seed(3))
+    assert classes.shape == positions.shape == (2, Q, K)
+    per_query = torch.nn.functional.one_hot(classes, 4).sum(dim=2).double()  # (2, Q, 4)
+    assert (per_query.sum(dim=2) == K).all()
+    mean, var = per_query.mean(dim=1), per_query.var(dim=1)
+    expected_var = K * graph * (1 - graph)
+    torch.testing.assert_close(mean, K * graph, rtol=0.03, atol=0.05)
+    torch.testing.assert_close(var, expected_var, rtol=0.15, atol=1e-9)  # zero-probability classes: exactly 0
+    assert (positions < counts[classes]).all() and (positions >= 0).all()
+
+
 def test_two_classes_take_every_negative_from_the_other():
     rep, labels, valid, probs = make_inputs(9)
     labels = torch.where(labels < 255, labels % 2, labels)
