@@ -11,11 +11,14 @@ them. The table gives, per method, the median step time over ``--steps`` timed s
 ``--warmup``), its ratio to supervised, images per second, peak memory, and where the time goes:
 
 - ``data``: waiting for the next batch (loader, collation, host-to-device copy),
-- ``teacher``: the teacher's forward pass on the unlabeled batch,
-- ``mix+aug``: rescale, mixing and strong augmentation of the unlabeled batch,
-- ``reco``: the representation head and ReCo loss, forward only (their backward is in ``rest``),
-- ``rest``: the student's forward and backward, the optimizer, EMA and Lightning's own work
-  (for FixMatch, UniMatch and C3-SemiSeg, which build their views themselves, everything but data).
+- ``teacher``: the no-gradient forward that makes the pseudo-labels (the EMA teacher's; FixMatch's
+  and UniMatch's eval-mode pass on the mixing view; C3's teacher with its projection head, and
+  C3's update of the class thresholds),
+- ``mix+aug``: building the unlabeled views: rescale, crops, mixing and strong augmentation,
+- ``contrast``: ReCo's representation head and loss (forward, and the loss's own gradient, which
+  it computes in the same pass), C3's contrastive loss (its student head is in ``rest``),
+- ``rest``: the student's forward and backward, the other losses, the optimizer, EMA and
+  Lightning's own work.
 
 Parts are timed by wrapping the module's functions (with a device sync around each on GPU,
 which adds a little to every part). Figures from one invocation are comparable with each
@@ -41,12 +44,14 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-PARTS = ("data", "teacher", "mix+aug", "reco", "rest")
+PARTS = ("data", "teacher", "mix+aug", "contrast", "rest")
 # The floor of a method's step: the supervised step on ``grad`` times the batch (forward, backward,
 # optimizer and data of that many images) plus ``no_grad`` eval-mode forwards of one batch (teacher
 # or pseudo-labels). Everything a method spends above it (mixing, augmentation, its losses,
-# pseudo-labelling, bookkeeping) is overhead. The feature-perturbation stream of UniMatch (a second
-# decoder pass) and ReCo's representation head are not in the floor, which makes those ratios upper bounds.
+# pseudo-labelling, bookkeeping) is overhead. For ReCo the supervised step runs the same network with
+# its representation head (forward and backward, no loss), as the issue defines its floor. The
+# feature-perturbation stream of UniMatch (a second decoder pass) and C3's projection heads are not
+# in the floor, which makes those ratios upper bounds.
 FLOOR = {
     "supervised": (1, 0),
     "recon": (1, 0),
@@ -55,6 +60,7 @@ FLOOR = {
     "fixmatch": (3, 1),  # [labeled; weak] and one strong view with gradient, the mixing view's labels
     "unimatch": (4, 1),  # [labeled; weak] and two strong views with gradient, the mixing view's labels
 }
+WITH_HEAD = {"reco"}  # methods whose floor network carries ReCo's representation head
 # Options that put a method in its steady state from the first step (C3 starts with a supervised phase).
 STEADY_STATE = {"c3semiseg": ["--model.init_args.unlabeled_start_step", "0"]}
 
@@ -64,10 +70,15 @@ def measure(method: str, args: argparse.Namespace) -> dict[str, Any]:
     import pytorch_lightning as pl
     import torch
 
+    import src.pl_modules.c3semiseg as c3_module
     import src.pl_modules.mean_teacher as mean_teacher_module
     import src.pl_modules.reco as reco_module
     import src.pl_modules.supervised as supervised_module
+    from torch import Tensor
+
     from src.pl_modules.base import SemiSupervisedModule
+    from src.pl_modules.c3semiseg import C3SemiSeg
+    from src.pl_modules.fixmatch import FixMatch
     from src.train import main
 
     torch.set_num_threads(args.threads)
@@ -87,10 +98,25 @@ def measure(method: str, args: argparse.Namespace) -> dict[str, Any]:
         return wrapper
 
     SemiSupervisedModule.teacher_predict = timed("teacher", SemiSupervisedModule.teacher_predict)
+    FixMatch.predict_eval_mode = timed("teacher", FixMatch.predict_eval_mode)
+    C3SemiSeg.teacher_outputs = timed("teacher", C3SemiSeg.teacher_outputs)
+    C3SemiSeg.update_thresholds = timed("teacher", C3SemiSeg.update_thresholds)
     for name in ("random_rescale_crop", "mix_unlabeled", "strong_augment"):
         setattr(mean_teacher_module, name, timed("mix+aug", getattr(mean_teacher_module, name)))
-    for module in (reco_module, supervised_module):
-        module.reco_from_features = timed("reco", module.reco_from_features)
+    for name in ("weak_view", "colour_jitter", "box_masks", "swap_halves"):
+        setattr(c3_module, name, timed("mix+aug", getattr(c3_module, name)))
+    FixMatch.make_views = timed("mix+aug", FixMatch.make_views)
+    C3SemiSeg.contrastive_term = timed("contrast", C3SemiSeg.contrastive_term)
+    reco_module.reco_from_features = timed("contrast", reco_module.reco_from_features)
+    if args.head_only:  # the ReCo floor: the representation head's forward and backward, no loss
+        def head_only(rep_head: torch.nn.Module, logits: Tensor, features: Tensor, *rest: Any, **kw: Any) -> Tensor:
+            pool = max(1, round(reco_module.REPRESENTATION_STRIDE * features.shape[-1] / logits.shape[-1]))
+            rep = rep_head(torch.nn.functional.avg_pool2d(features, pool, ceil_mode=True) if pool > 1 else features)
+            return rep.float().mean() * 0.0  # zero, but the head's backward runs
+
+        supervised_module.reco_from_features = head_only
+    else:
+        supervised_module.reco_from_features = timed("contrast", supervised_module.reco_from_features)
 
     with tempfile.TemporaryDirectory() as tmp:
         cli = main(
@@ -106,6 +132,7 @@ def measure(method: str, args: argparse.Namespace) -> dict[str, Any]:
                 "--trainer.default_root_dir", tmp,
                 "--trainer.logger", "false",
                 *STEADY_STATE.get(method, []),
+                *(["--model.init_args.reco_weight", "1"] if args.head_only else []),
                 *(["--model.init_args.channels_last", "true"] if args.channels_last else []),
                 *(["--model.init_args.compile", "true"] if args.compile else []),
             ],
@@ -177,17 +204,27 @@ def measure(method: str, args: argparse.Namespace) -> dict[str, Any]:
         "peak_memory_mib": (torch.cuda.max_memory_allocated() if cuda
                             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20,
         "memory_kind": "cuda allocated" if cuda else "process RSS",
+        # whether a representation head took part in the backward pass (ReCo; the floor's head-only step)
+        "head_trained": getattr(model, "rep_head", None) is not None
+        and any(p.grad is not None for p in model.rep_head.parameters()),
     }
 
 
-def floors(results: list[dict[str, Any]], supervised_at: dict[int, float]) -> dict[str, float]:
+def floor_key(method: str) -> str | None:
+    """The supervised step a method's floor is built on: ``"2"`` (twice the batch), ``"2+head"``, ..."""
+    if method not in FLOOR:
+        return None
+    return f"{FLOOR[method][0]}{'+head' if method in WITH_HEAD else ''}"
+
+
+def floors(results: list[dict[str, Any]], supervised_at: dict[str, float]) -> dict[str, float]:
     """Each method's floor step time (see FLOOR) from the supervised steps at multiples of the batch."""
     forward = next(r["forward_s"] for r in results if r["method"] == "supervised")
     out = {}
     for r in results:
-        grad, no_grad = FLOOR.get(r["method"], (None, 0))
-        if grad in supervised_at:
-            out[r["method"]] = supervised_at[grad] + no_grad * forward
+        key = floor_key(r["method"])
+        if key in supervised_at:
+            out[r["method"]] = supervised_at[key] + FLOOR[r["method"]][1] * forward
     return out
 
 
@@ -233,6 +270,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--config", help="an extra YAML applied after the method's (e.g. another encoder)")
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one method, print JSON
+    parser.add_argument("--head-only", action="store_true", help=argparse.SUPPRESS)  # internal: supervised + ReCo's head
     args = parser.parse_args(argv)
     args.method_list = sorted(METHODS) if args.methods == "all" else args.methods.split(",")
     unknown = [m for m in args.method_list if m not in METHODS]
@@ -259,9 +297,10 @@ def main(argv: list[str] | None = None) -> int:
         skip = arg == "--methods"
         if not skip:
             rest.append(arg)
-    def child(method: str, batch: int) -> dict[str, Any] | None:
+    def child(method: str, batch: int, head_only: bool = False) -> dict[str, Any] | None:
         done = subprocess.run(
-            [sys.executable, __file__, *rest, "--batch", str(batch), "--methods", method, "--one", method],
+            [sys.executable, __file__, *rest, "--batch", str(batch), "--methods", method, "--one", method,
+             *(["--head-only"] if head_only else [])],
             cwd=REPO, capture_output=True, text=True,
         )
         lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
@@ -278,17 +317,19 @@ def main(argv: list[str] | None = None) -> int:
         results.append(result)
         print(f"{method}: {result['step_s'] * 1e3:.1f} ms/step", file=sys.stderr, flush=True)
     # The floors: supervised steps at the batch multiples the measured methods need.
-    supervised_at = {1: results[0]["step_s"]}
-    for multiple in sorted({FLOOR[m][0] for m in args.method_list if m in FLOOR} - {1}):
-        result = child("supervised", multiple * args.batch)
+    supervised_at = {"1": results[0]["step_s"]}
+    for key in sorted({floor_key(m) for m in args.method_list} - {None, "1"}):
+        multiple, head = int(key.split("+")[0]), key.endswith("+head")
+        result = child("supervised", multiple * args.batch, head_only=head)
         if result is None:
             return 1
-        supervised_at[multiple] = result["step_s"]
-        print(f"supervised x{multiple} batch: {result['step_s'] * 1e3:.1f} ms/step", file=sys.stderr, flush=True)
+        supervised_at[key] = result["step_s"]
+        print(f"supervised x{key} batch: {result['step_s'] * 1e3:.1f} ms/step", file=sys.stderr, flush=True)
     floor = floors(results, supervised_at)
     print(f"\n{args.device}, precision {args.precision}, batch {args.batch}+{args.batch} (supervised: {args.batch}), "
           f"crop {args.crop}, median of {args.steps} steps, {args.threads} threads; memory: {results[0]['memory_kind']}; "
-          f"floor: supervised step on as many images with gradient plus eval forwards of one batch "
+          f"floor: supervised step on as many images with gradient (ReCo: with its representation head) plus eval "
+          f"forwards of one batch "
           f"({results[0]['forward_s'] * 1e3:.1f} ms each)")
     print(table(results, floor))
     if args.json:

@@ -8,19 +8,36 @@ from benchmarks.bench_step import PARTS, floors, table
 from tests.conftest import REPO, SMOKE
 
 
-def test_one_method_breakdown():
+def measure_one(method: str, *extra: str) -> dict:
     done = subprocess.run(
         [sys.executable, "benchmarks/bench_step.py", "--config", SMOKE, "--crop", "32", "--steps", "2",
-         "--warmup", "1", "--workers", "0", "--threads", "1", "--methods", "cutmix", "--one", "cutmix"],
+         "--warmup", "1", "--workers", "0", "--threads", "1", "--methods", method, "--one", method, *extra],
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    result = json.loads(done.stdout.split("RESULT ", 1)[1])
+    return json.loads(done.stdout.split("RESULT ", 1)[1])
+
+
+def test_one_method_breakdown():
+    result = measure_one("cutmix")
     assert result["method"] == "cutmix" and result["peak_memory_mib"] > 0
-    # A mean-teacher step runs the teacher and the mixing; it has no ReCo loss.
-    assert result["teacher"] > 0 and result["mix+aug"] > 0 and result["reco"] == 0
+    # A mean-teacher step runs the teacher and the mixing; it has no contrastive loss.
+    assert result["teacher"] > 0 and result["mix+aug"] > 0 and result["contrast"] == 0
     assert result["step_s"] >= result["teacher"] + result["mix+aug"] + result["data"]
     assert result["images_per_s"] == 16 / result["step_s"]
+
+
+def test_c3_parts_are_timed_not_left_in_rest():
+    # C3 builds its own views and runs its own teacher and contrastive loss (from step 0 here).
+    result = measure_one("c3semiseg")
+    assert result["teacher"] > 0 and result["mix+aug"] > 0 and result["contrast"] > 0
+
+
+def test_reco_floor_step_runs_the_head_without_the_loss():
+    # The floor child: supervised with ReCo's head in forward and backward, its loss replaced by zero.
+    result = measure_one("supervised", "--head-only")
+    assert result["head_trained"] and result["contrast"] == 0  # the head got gradients; the loss never ran
+    assert not measure_one("supervised")["head_trained"]
 
 
 def test_table_ratios_to_supervised():
@@ -42,8 +59,10 @@ def test_floor_is_the_supervised_step_on_as_many_images_plus_the_no_grad_forward
         {"method": "unimatch", "step_s": 0.6, "forward_s": None},
         {"method": "unknown", "step_s": 0.6, "forward_s": None},
     ]
-    floor = floors(rows, {1: 0.1, 2: 0.18, 4: 0.35})
-    # supervised: itself; cutmix: student on 2B plus the teacher's forward on B; UniMatch: 4B + 1.
-    assert floor == {"supervised": 0.1, "cutmix": 0.18 + 0.03, "unimatch": 0.35 + 0.03}
+    rows.append({"method": "reco", "step_s": 0.4, "forward_s": None})
+    floor = floors(rows, {"1": 0.1, "2": 0.18, "2+head": 0.2, "4": 0.35})
+    # supervised: itself; cutmix: student on 2B plus the teacher's forward on B; UniMatch: 4B + 1;
+    # ReCo: the student with its representation head on 2B, plus the teacher's forward.
+    assert floor == {"supervised": 0.1, "cutmix": 0.18 + 0.03, "unimatch": 0.35 + 0.03, "reco": 0.2 + 0.03}
     text = table([{**r, "images_per_s": 1.0, **dict.fromkeys(PARTS, 0.0), "peak_memory_mib": 1.0} for r in rows], floor)
     assert "| cutmix | 300.0 | 3.0 | 210.0 | 1.43 |" in text
