@@ -333,8 +333,10 @@ def colour_jitter(
 
     Brightness, contrast and saturation factors ~ U(1 - x, 1 + x), hue shift ~ U(-hue, hue) of the
     hue circle, all per sample, and, like torchvision's ``ColorJitter``, the four operations run in
-    a random order drawn per sample. Batched by computing the four candidates at each of the four
-    positions and keeping each sample's own. Output in [0, 1].
+    a random order drawn per sample. Batched per (position, operation): at each of the four
+    positions every operation runs once, on the samples that take it there, so each sample goes
+    through its four operations exactly once. The groups are found where the random numbers are
+    drawn (the CPU by default: no device sync). Output in [0, 1].
     """
     batch = images.shape[0]
     device = images.device
@@ -348,12 +350,14 @@ def colour_jitter(
     )
     factors = [f.to(device, images.dtype).view(-1, 1, 1, 1) for f in factors]
     operations = (_brightness, _contrast, _saturation, _hue)
-    order = u[:, 5:].argsort(dim=1).to(device)  # (B, 4): operation index at each position
-    rows = torch.arange(batch, device=device)
+    order = u[:, 5:].argsort(dim=1)  # (B, 4): operation index at each position
     out = images
     for position in range(4):
-        candidates = torch.stack([op(out, f) for op, f in zip(operations, factors)])  # (4, B, 3, H, W)
-        out = candidates[order[:, position], rows]
+        step = torch.empty_like(out)  # every sample takes exactly one operation at each position
+        for index, (op, factor) in enumerate(zip(operations, factors)):
+            rows = (order[:, position] == index).nonzero().squeeze(1).to(device)
+            step.index_copy_(0, rows, op(out.index_select(0, rows), factor.index_select(0, rows)))
+        out = step
     return torch.where(apply, out, images)
 
 

@@ -307,6 +307,26 @@ def test_colour_jitter_factors():
     assert (shift.std(1) < 1e-3).all() and (shift.abs().max() <= 0.25 + 1e-4)
 
 
+def test_colour_jitter_is_each_sample_through_its_own_order():
+    # A per-sample loop with the same draws: factors u[1:5], order argsort(u[5:9]), applied if u[0] < p.
+    images = torch.rand(16, 3, H, W, generator=gen(16))
+    out = ops.colour_jitter(images, gen(17), p=0.8, brightness=0.5, contrast=0.5, saturation=0.5, hue=0.25)
+    u = torch.rand((16, 9), generator=gen(17), dtype=torch.float64)
+    operations = (ops._brightness, ops._contrast, ops._saturation, ops._hue)
+    orders = set()
+    for i in range(16):
+        factors = [1 + 0.5 * (2 * u[i, 1] - 1), 1 + 0.5 * (2 * u[i, 2] - 1), 1 + 0.5 * (2 * u[i, 3] - 1),
+                   0.25 * (2 * u[i, 4] - 1)]
+        x = images[i : i + 1]
+        order = u[i, 5:].argsort().tolist()
+        orders.add(tuple(order))
+        if u[i, 0] < 0.8:
+            for k in order:
+                x = operations[k](x, factors[k].float().view(1, 1, 1, 1))
+        torch.testing.assert_close(out[i : i + 1], x, rtol=0, atol=1e-6)
+    assert len(orders) > 4  # the samples did run in different orders
+
+
 def test_gaussian_blur_keeps_constants_and_smooths():
     constant = torch.full((2, 3, H, W), 0.3)
     torch.testing.assert_close(ops.gaussian_blur(constant, gen(), p=1.0), constant)
