@@ -79,6 +79,7 @@ def measure(method: str, args: argparse.Namespace) -> dict[str, Any]:
     from src.pl_modules.base import SemiSupervisedModule
     from src.pl_modules.c3semiseg import C3SemiSeg
     from src.pl_modules.fixmatch import FixMatch
+    from src.pl_modules.ops import pool_to_stride
     from src.train import main
 
     torch.set_num_threads(args.threads)
@@ -110,8 +111,7 @@ def measure(method: str, args: argparse.Namespace) -> dict[str, Any]:
     reco_module.reco_from_features = timed("contrast", reco_module.reco_from_features)
     if args.head_only:  # the ReCo floor: the representation head's forward and backward, no loss
         def head_only(rep_head: torch.nn.Module, logits: Tensor, features: Tensor, *rest: Any, **kw: Any) -> Tensor:
-            pool = max(1, round(reco_module.REPRESENTATION_STRIDE * features.shape[-1] / logits.shape[-1]))
-            rep = rep_head(torch.nn.functional.avg_pool2d(features, pool, ceil_mode=True) if pool > 1 else features)
+            rep = rep_head(pool_to_stride(features, reco_module.REPRESENTATION_STRIDE, logits.shape[-1]))
             return rep.float().mean() * 0.0  # zero, but the head's backward runs
 
         supervised_module.reco_from_features = head_only

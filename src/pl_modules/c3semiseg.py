@@ -27,7 +27,15 @@ from src.losses.c3 import (
 from src.losses.reco import downsample_nearest
 from src.pl_modules.base import SemiSupervisedModule
 from src.pl_modules.fixmatch import weak_view
-from src.pl_modules.ops import box_masks, colour_jitter, ema_decay, ema_update, mix_by_mask, sigmoid_rampup
+from src.pl_modules.ops import (
+    box_masks,
+    colour_jitter,
+    ema_decay,
+    ema_update,
+    mix_by_mask,
+    pool_to_stride,
+    sigmoid_rampup,
+)
 
 
 def projection_head(in_channels: int, dim: int) -> nn.Sequential:
@@ -200,10 +208,7 @@ class C3SemiSeg(SemiSupervisedModule):
     # ------------------------------------------------------------------ forward passes
     def embed(self, head: nn.Module, features: Tensor, input_width: int) -> Tensor:
         """Projection-head embeddings on the ``embedding_stride`` grid from decoder features (N, F, h, w)."""
-        pool = max(1, round(self.hparams.embedding_stride * features.shape[-1] / input_width))
-        if pool > 1:
-            features = F.avg_pool2d(features, pool, ceil_mode=True)
-        return head(features)
+        return head(pool_to_stride(features, self.hparams.embedding_stride, input_width))
 
     @torch.no_grad()
     def teacher_outputs(self, images: Tensor, with_embeddings: bool) -> tuple[Tensor, Tensor | None]:

@@ -66,6 +66,16 @@ def sigmoid_rampup(step: float, length: float) -> float:
     return math.exp(-5.0 * phase * phase)
 
 
+def pool_to_stride(features: Tensor, stride: int, input_width: int) -> Tensor:
+    """Decoder features (N, F, h, w) average-pooled to ``stride`` input pixels per cell.
+
+    A decoder finer than ``stride`` (U-Net: stride 1) is pooled by the nearest integer factor; a
+    coarser or equal one is returned as it is.
+    """
+    pool = max(1, round(stride * features.shape[-1] / input_width))
+    return F.avg_pool2d(features, pool, ceil_mode=True) if pool > 1 else features
+
+
 # ---------------------------------------------------------------------------------------- losses
 def confident_fraction(confidences: Tensor, valid: Tensor, threshold: float) -> Tensor:
     """Fraction of ``valid`` pixels whose confidence reaches ``threshold`` (0 if none is valid), for logging."""

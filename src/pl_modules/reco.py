@@ -18,7 +18,7 @@ from torch import Tensor
 
 from src.losses.reco import downsample_nearest, reco_loss
 from src.pl_modules.mean_teacher import MeanTeacher
-from src.pl_modules.ops import confidence_weighted_ce
+from src.pl_modules.ops import confidence_weighted_ce, pool_to_stride
 
 REPRESENTATION_STRIDE = 4  # pixels of the input per representation cell, as DeepLabV3+'s decoder
 
@@ -43,10 +43,7 @@ def reco_from_features(
     """
     # The representation lives on a stride-4 grid (METHODS.md 2). A finer decoder (U-Net: stride 1)
     # is average-pooled to it first: the loss sees the reference's pixel count, at 1/16 of the cost.
-    pool = max(1, round(REPRESENTATION_STRIDE * features.shape[-1] / labels.shape[-1]))
-    if pool > 1:
-        features = F.avg_pool2d(features, pool, ceil_mode=True)
-    rep = rep_head(features)
+    rep = rep_head(pool_to_stride(features, REPRESENTATION_STRIDE, labels.shape[-1]))
     size = rep.shape[-2:]
     # NOTE: the reference takes the softmax of its stride-4 logits; smp upsamples inside its head,
     # so we resize the full-size logits back to the representation grid.
