@@ -48,10 +48,11 @@ PARTS = ("data", "teacher", "mix+aug", "contrast", "rest")
 # The floor of a method's step: the supervised step on ``grad`` times the batch (forward, backward,
 # optimizer and data of that many images) plus ``no_grad`` eval-mode forwards of one batch (teacher
 # or pseudo-labels). Everything a method spends above it (mixing, augmentation, its losses,
-# pseudo-labelling, bookkeeping) is overhead. For ReCo the supervised step runs the same network with
-# its representation head (forward and backward, no loss), as the issue defines its floor. The
-# feature-perturbation stream of UniMatch (a second decoder pass) and C3's projection heads are not
-# in the floor, which makes those ratios upper bounds.
+# pseudo-labelling, bookkeeping) is overhead. Two floors run the network the way the method must:
+# ReCo's with its representation head (forward and backward, no loss), as the issue defines its
+# floor; UniMatch's with the first half of the images through the feature-perturbed stream (the
+# decoder on the clean and the channel-dropped features, both in the loss), as its [labeled; weak]
+# forward. C3's projection heads are not in its floor, which makes its ratio an upper bound.
 FLOOR = {
     "supervised": (1, 0),
     "recon": (1, 0),
@@ -60,7 +61,8 @@ FLOOR = {
     "fixmatch": (3, 1),  # [labeled; weak] and one strong view with gradient, the mixing view's labels
     "unimatch": (4, 1),  # [labeled; weak] and two strong views with gradient, the mixing view's labels
 }
-WITH_HEAD = {"reco"}  # methods whose floor network carries ReCo's representation head
+# How a floor's supervised step runs the network, where not plainly (see above).
+FLOOR_VARIANT = {"reco": "head", "unimatch": "fp"}
 # Options that put a method in its steady state from the first step (C3 starts with a supervised phase).
 STEADY_STATE = {"c3semiseg": ["--model.init_args.unlabeled_start_step", "0"]}
 
@@ -79,6 +81,7 @@ def measure(method: str, args: argparse.Namespace) -> dict[str, Any]:
     from src.pl_modules.base import SemiSupervisedModule
     from src.pl_modules.c3semiseg import C3SemiSeg
     from src.pl_modules.fixmatch import FixMatch
+    from src.networks.segmenter import Segmenter
     from src.pl_modules.ops import pool_to_stride
     from src.train import main
 
@@ -109,7 +112,7 @@ def measure(method: str, args: argparse.Namespace) -> dict[str, Any]:
     FixMatch.make_views = timed("mix+aug", FixMatch.make_views)
     C3SemiSeg.contrastive_term = timed("contrast", C3SemiSeg.contrastive_term)
     reco_module.reco_from_features = timed("contrast", reco_module.reco_from_features)
-    if args.head_only:  # the ReCo floor: the representation head's forward and backward, no loss
+    if args.floor_variant == "head":  # the ReCo floor: the representation head's forward and backward, no loss
         def head_only(rep_head: torch.nn.Module, logits: Tensor, features: Tensor, *rest: Any, **kw: Any) -> Tensor:
             rep = rep_head(pool_to_stride(features, reco_module.REPRESENTATION_STRIDE, logits.shape[-1]))
             return rep.float().mean() * 0.0  # zero, but the head's backward runs
@@ -117,6 +120,24 @@ def measure(method: str, args: argparse.Namespace) -> dict[str, Any]:
         supervised_module.reco_from_features = head_only
     else:
         supervised_module.reco_from_features = timed("contrast", supervised_module.reco_from_features)
+    perturbed_calls = [0]
+    forward_perturbed = Segmenter.forward_perturbed
+
+    def counted_forward_perturbed(*a: Any, **kw: Any) -> Any:
+        perturbed_calls[0] += 1
+        return forward_perturbed(*a, **kw)
+
+    Segmenter.forward_perturbed = counted_forward_perturbed
+    if args.floor_variant == "fp":  # the UniMatch floor: half the images also through the perturbed stream
+        def perturbed_half(self: Any, batch: dict[str, dict[str, Tensor]]) -> dict[str, Tensor]:
+            images, masks = batch["labeled"]["image"], batch["labeled"]["mask"]
+            half = len(images) // 2
+            clean, perturbed = self.student.forward_perturbed(images[:half])
+            logits = torch.cat([clean, self.student(images[half:])])
+            loss = self.supervised_loss(logits, masks) + self.supervised_loss(perturbed, masks[:half])
+            return {"loss": loss, "loss_sup": loss.detach()}
+
+        supervised_module.Supervised.compute_losses = perturbed_half
 
     with tempfile.TemporaryDirectory() as tmp:
         cli = main(
@@ -132,7 +153,7 @@ def measure(method: str, args: argparse.Namespace) -> dict[str, Any]:
                 "--trainer.default_root_dir", tmp,
                 "--trainer.logger", "false",
                 *STEADY_STATE.get(method, []),
-                *(["--model.init_args.reco_weight", "1"] if args.head_only else []),
+                *(["--model.init_args.reco_weight", "1"] if args.floor_variant == "head" else []),
                 *(["--model.init_args.channels_last", "true"] if args.channels_last else []),
                 *(["--model.init_args.compile", "true"] if args.compile else []),
             ],
@@ -207,14 +228,17 @@ def measure(method: str, args: argparse.Namespace) -> dict[str, Any]:
         # whether a representation head took part in the backward pass (ReCo; the floor's head-only step)
         "head_trained": getattr(model, "rep_head", None) is not None
         and any(p.grad is not None for p in model.rep_head.parameters()),
+        # decoder passes on feature-perturbed streams per step (UniMatch; the floor's "fp" step)
+        "perturbed_per_step": perturbed_calls[0] / (args.warmup + args.steps),
     }
 
 
 def floor_key(method: str) -> str | None:
-    """The supervised step a method's floor is built on: ``"2"`` (twice the batch), ``"2+head"``, ..."""
+    """The supervised step a method's floor is built on: ``"2"`` (twice the batch), ``"2+head"``, ``"4+fp"``..."""
     if method not in FLOOR:
         return None
-    return f"{FLOOR[method][0]}{'+head' if method in WITH_HEAD else ''}"
+    variant = FLOOR_VARIANT.get(method)
+    return f"{FLOOR[method][0]}{'+' + variant if variant else ''}"
 
 
 def floors(results: list[dict[str, Any]], supervised_at: dict[str, float]) -> dict[str, float]:
@@ -270,7 +294,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--config", help="an extra YAML applied after the method's (e.g. another encoder)")
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one method, print JSON
-    parser.add_argument("--head-only", action="store_true", help=argparse.SUPPRESS)  # internal: supervised + ReCo's head
+    # internal: how a floor's supervised step runs the network (FLOOR_VARIANT)
+    parser.add_argument("--floor-variant", choices=("head", "fp"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.method_list = sorted(METHODS) if args.methods == "all" else args.methods.split(",")
     unknown = [m for m in args.method_list if m not in METHODS]
@@ -297,10 +322,10 @@ def main(argv: list[str] | None = None) -> int:
         skip = arg == "--methods"
         if not skip:
             rest.append(arg)
-    def child(method: str, batch: int, head_only: bool = False) -> dict[str, Any] | None:
+    def child(method: str, batch: int, variant: str | None = None) -> dict[str, Any] | None:
         done = subprocess.run(
             [sys.executable, __file__, *rest, "--batch", str(batch), "--methods", method, "--one", method,
-             *(["--head-only"] if head_only else [])],
+             *(["--floor-variant", variant] if variant else [])],
             cwd=REPO, capture_output=True, text=True,
         )
         lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
@@ -319,8 +344,8 @@ def main(argv: list[str] | None = None) -> int:
     # The floors: supervised steps at the batch multiples the measured methods need.
     supervised_at = {"1": results[0]["step_s"]}
     for key in sorted({floor_key(m) for m in args.method_list} - {None, "1"}):
-        multiple, head = int(key.split("+")[0]), key.endswith("+head")
-        result = child("supervised", multiple * args.batch, head_only=head)
+        multiple, _, variant = key.partition("+")
+        result = child("supervised", int(multiple) * args.batch, variant or None)
         if result is None:
             return 1
         supervised_at[key] = result["step_s"]
@@ -328,7 +353,8 @@ def main(argv: list[str] | None = None) -> int:
     floor = floors(results, supervised_at)
     print(f"\n{args.device}, precision {args.precision}, batch {args.batch}+{args.batch} (supervised: {args.batch}), "
           f"crop {args.crop}, median of {args.steps} steps, {args.threads} threads; memory: {results[0]['memory_kind']}; "
-          f"floor: supervised step on as many images with gradient (ReCo: with its representation head) plus eval "
+          f"floor: supervised step on as many images with gradient (ReCo: with its representation head; UniMatch: "
+          f"half of them also through the feature-perturbed stream) plus eval "
           f"forwards of one batch "
           f"({results[0]['forward_s'] * 1e3:.1f} ms each)")
     print(table(results, floor))

@@ -35,9 +35,16 @@ def test_c3_parts_are_timed_not_left_in_rest():
 
 def test_reco_floor_step_runs_the_head_without_the_loss():
     # The floor child: supervised with ReCo's head in forward and backward, its loss replaced by zero.
-    result = measure_one("supervised", "--head-only")
+    result = measure_one("supervised", "--floor-variant", "head")
     assert result["head_trained"] and result["contrast"] == 0  # the head got gradients; the loss never ran
-    assert not measure_one("supervised")["head_trained"]
+    plain = measure_one("supervised")
+    assert not plain["head_trained"] and plain["perturbed_per_step"] == 0
+
+
+def test_unimatch_floor_step_decodes_a_perturbed_stream_as_unimatch_does():
+    # UniMatch decodes one feature-perturbed stream per step; so does its floor's supervised step.
+    assert measure_one("unimatch")["perturbed_per_step"] == 1
+    assert measure_one("supervised", "--floor-variant", "fp", "--batch", "4")["perturbed_per_step"] == 1
 
 
 def test_table_ratios_to_supervised():
@@ -60,8 +67,9 @@ def test_floor_is_the_supervised_step_on_as_many_images_plus_the_no_grad_forward
         {"method": "unknown", "step_s": 0.6, "forward_s": None},
     ]
     rows.append({"method": "reco", "step_s": 0.4, "forward_s": None})
-    floor = floors(rows, {"1": 0.1, "2": 0.18, "2+head": 0.2, "4": 0.35})
-    # supervised: itself; cutmix: student on 2B plus the teacher's forward on B; UniMatch: 4B + 1;
+    floor = floors(rows, {"1": 0.1, "2": 0.18, "2+head": 0.2, "4+fp": 0.35})
+    # supervised: itself; cutmix: student on 2B plus the teacher's forward on B; UniMatch: 4B, half of
+    # them also through the perturbed stream, + 1;
     # ReCo: the student with its representation head on 2B, plus the teacher's forward.
     assert floor == {"supervised": 0.1, "cutmix": 0.18 + 0.03, "unimatch": 0.35 + 0.03, "reco": 0.2 + 0.03}
     text = table([{**r, "images_per_s": 1.0, **dict.fromkeys(PARTS, 0.0), "peak_memory_mib": 1.0} for r in rows], floor)
