@@ -22,7 +22,10 @@ them. The table gives, per method, the median step time over ``--steps`` timed s
 
 Parts are timed by wrapping the module's functions (with a device sync around each on GPU,
 which adds a little to every part). Figures from one invocation are comparable with each
-other; runs on shared machines are noisy, so compare ratios, not absolute times.
+other; runs on shared machines are noisy, so compare ratios, not absolute times. ``--rounds R``
+measures every method and floor R times, in turn (method after method, then again), and keeps
+for each the round with the median step: a slow minute of a shared machine then shifts one
+round of every method instead of all rounds of one method.
 """
 
 from __future__ import annotations
@@ -233,6 +236,11 @@ def measure(method: str, args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def median_round(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The round whose step time is the median (the lower middle one of an even count), whole."""
+    return sorted(runs, key=lambda r: r["step_s"])[(len(runs) - 1) // 2]
+
+
 def floor_key(method: str) -> str | None:
     """The supervised step a method's floor is built on: ``"2"`` (twice the batch), ``"2+head"``, ``"4+fp"``..."""
     if method not in FLOOR:
@@ -288,6 +296,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--crop", type=int, default=64)
     parser.add_argument("--labels", type=int, default=15)
     parser.add_argument("--steps", type=int, default=20, help="timed steps")
+    parser.add_argument("--rounds", type=int, default=1, help="measure everything this many times in turn; "
+                        "each method keeps its median round")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--workers", type=int, default=2, help="data-loader workers per stream")
     parser.add_argument("--threads", type=int, default=max(1, min(2, os.cpu_count() or 1)))
@@ -334,25 +344,27 @@ def main(argv: list[str] | None = None) -> int:
             return None
         return json.loads(lines[-1][len("RESULT "):])
 
-    results = []
-    for method in args.method_list:
-        result = child(method, args.batch)
-        if result is None:
-            return 1
-        results.append(result)
-        print(f"{method}: {result['step_s'] * 1e3:.1f} ms/step", file=sys.stderr, flush=True)
-    # The floors: supervised steps at the batch multiples the measured methods need.
-    supervised_at = {"1": results[0]["step_s"]}
-    for key in sorted({floor_key(m) for m in args.method_list} - {None, "1"}):
+    # Every round measures each method, then the floors it needs (supervised steps at batch multiples).
+    floor_keys = sorted({floor_key(m) for m in args.method_list} - {None, "1"})
+    jobs = [(method, args.batch, None, method) for method in args.method_list]
+    for key in floor_keys:
         multiple, _, variant = key.partition("+")
-        result = child("supervised", int(multiple) * args.batch, variant or None)
-        if result is None:
-            return 1
-        supervised_at[key] = result["step_s"]
-        print(f"supervised x{key} batch: {result['step_s'] * 1e3:.1f} ms/step", file=sys.stderr, flush=True)
+        jobs.append(("supervised", int(multiple) * args.batch, variant or None, f"supervised x{key} batch"))
+    rounds: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for round_index in range(args.rounds):
+        for method, batch, variant, label in jobs:
+            result = child(method, batch, variant)
+            if result is None:
+                return 1
+            rounds[label].append(result)
+            print(f"round {round_index + 1}/{args.rounds}, {label}: {result['step_s'] * 1e3:.1f} ms/step",
+                  file=sys.stderr, flush=True)
+    kept = {label: median_round(runs) for label, runs in rounds.items()}
+    results = [kept[method] for method in args.method_list]
+    supervised_at = {"1": results[0]["step_s"], **{key: kept[f"supervised x{key} batch"]["step_s"] for key in floor_keys}}
     floor = floors(results, supervised_at)
     print(f"\n{args.device}, precision {args.precision}, batch {args.batch}+{args.batch} (supervised: {args.batch}), "
-          f"crop {args.crop}, median of {args.steps} steps, {args.threads} threads; memory: {results[0]['memory_kind']}; "
+          f"crop {args.crop}, median of {args.steps} steps (median of {args.rounds} rounds), {args.threads} threads; memory: {results[0]['memory_kind']}; "
           f"floor: supervised step on as many images with gradient (ReCo: with its representation head; UniMatch: "
           f"half of them also through the feature-perturbed stream) plus eval "
           f"forwards of one batch "
@@ -363,7 +375,8 @@ def main(argv: list[str] | None = None) -> int:
 
         for r in results:
             r["floor_s"] = floor.get(r["method"])
-        atomic_write_json(Path(args.json), {"results": results, "supervised_at_batch_multiple": supervised_at})
+        atomic_write_json(Path(args.json), {"results": results, "supervised_at_batch_multiple": supervised_at,
+                                            "rounds": {label: [r["step_s"] for r in runs] for label, runs in rounds.items()}})
     return 0
 
 

@@ -4,7 +4,7 @@ import json
 import subprocess
 import sys
 
-from benchmarks.bench_step import PARTS, floors, table
+from benchmarks.bench_step import PARTS, floors, median_round, table
 from tests.conftest import REPO, SMOKE
 
 
@@ -74,3 +74,20 @@ def test_floor_is_the_supervised_step_on_as_many_images_plus_the_no_grad_forward
     assert floor == {"supervised": 0.1, "cutmix": 0.18 + 0.03, "unimatch": 0.35 + 0.03, "reco": 0.2 + 0.03}
     text = table([{**r, "images_per_s": 1.0, **dict.fromkeys(PARTS, 0.0), "peak_memory_mib": 1.0} for r in rows], floor)
     assert "| cutmix | 300.0 | 3.0 | 210.0 | 1.43 |" in text
+
+
+def test_rounds_keep_each_methods_median_round(tmp_path):
+    runs = [{"step_s": 0.3, "teacher": 3}, {"step_s": 0.1, "teacher": 1}, {"step_s": 0.2, "teacher": 2}]
+    assert median_round(runs) == {"step_s": 0.2, "teacher": 2}  # the whole round, its parts included
+    assert median_round(runs[:2])["step_s"] == 0.1  # an even count keeps the lower middle
+    out = tmp_path / "bench.json"
+    done = subprocess.run(
+        [sys.executable, "benchmarks/bench_step.py", "--config", SMOKE, "--crop", "32", "--steps", "1", "--warmup", "1",
+         "--workers", "0", "--threads", "1", "--methods", "supervised", "--rounds", "2", "--json", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    saved = json.loads(out.read_text())
+    assert len(saved["rounds"]["supervised"]) == 2
+    assert saved["results"][0]["step_s"] == min(saved["rounds"]["supervised"])
+    assert "(median of 2 rounds)" in done.stdout
