@@ -25,7 +25,10 @@ which adds a little to every part). Figures from one invocation are comparable w
 other; runs on shared machines are noisy, so compare ratios, not absolute times. ``--rounds R``
 measures every method and floor R times, in turn (method after method, then again), and keeps
 for each the round with the median step: a slow minute of a shared machine then shifts one
-round of every method instead of all rounds of one method.
+round of every method instead of all rounds of one method. ``--paired`` measures each method's
+floor right after the method (the floors are measured once per method, not once per batch
+multiple) and gives ``x floor`` as the median over rounds of those adjacent ratios, which cancels
+the slow spells that last longer than a method and its floor.
 """
 
 from __future__ import annotations
@@ -260,7 +263,31 @@ def floors(results: list[dict[str, Any]], supervised_at: dict[str, float]) -> di
     return out
 
 
-def table(results: list[dict[str, Any]], floor: dict[str, float] | None = None) -> str:
+def paired_floors(
+    rounds: dict[str, list[dict[str, Any]]], methods: list[str]
+) -> tuple[dict[str, float], dict[str, float]]:
+    """``--paired``: each method's floor (median over rounds) and x floor (median of the rounds' ratios).
+
+    ``rounds[label][i]`` is round i's result of ``label``: a method, or ``"floor of <method>"``, the
+    floor's supervised step measured right after it; round i's ``supervised`` gives the step of
+    floor ``"1"`` and the eval-mode forward that the floors add.
+    """
+    per_round = []  # each round's floors in seconds
+    for i, base in enumerate(rounds["supervised"]):
+        per_round.append({
+            m: (base["step_s"] if floor_key(m) == "1" else rounds[f"floor of {m}"][i]["step_s"])
+            + FLOOR[m][1] * base["forward_s"]
+            for m in methods if floor_key(m) is not None
+        })
+    floor = {m: statistics.median(f[m] for f in per_round) for m in per_round[0]}
+    ratio = {m: statistics.median(rounds[m][i]["step_s"] / f[m] for i, f in enumerate(per_round)) for m in floor}
+    return floor, ratio
+
+
+def table(
+    results: list[dict[str, Any]], floor: dict[str, float] | None = None, ratio: dict[str, float] | None = None
+) -> str:
+    """The markdown table; ``x floor`` is ``step / floor`` unless ``ratio`` gives it (paired rounds)."""
     import pandas as pd
 
     from benchmarks.report import markdown_table
@@ -272,7 +299,8 @@ def table(results: list[dict[str, Any]], floor: dict[str, float] | None = None) 
         "step ms": (frame["step_s"] * 1e3).round(1),
         "x supervised": (frame["step_s"] / base).round(2),
         "floor ms": (floor_s * 1e3).round(1),
-        "x floor": (frame["step_s"] / floor_s).round(2),
+        "x floor": (pd.Series(ratio, dtype=float).reindex(frame.index) if ratio is not None
+                    else frame["step_s"] / floor_s).round(2),
         "img/s": frame["images_per_s"].round(1),
         **{f"{part} ms": (frame[part] * 1e3).round(1) for part in PARTS},
         "peak MiB": frame["peak_memory_mib"].round(0).astype(int),
@@ -298,6 +326,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=20, help="timed steps")
     parser.add_argument("--rounds", type=int, default=1, help="measure everything this many times in turn; "
                         "each method keeps its median round")
+    parser.add_argument("--paired", action="store_true", help="measure each method's floor right after it; "
+                        "x floor is the median over rounds of those paired ratios")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--workers", type=int, default=2, help="data-loader workers per stream")
     parser.add_argument("--threads", type=int, default=max(1, min(2, os.cpu_count() or 1)))
@@ -344,12 +374,21 @@ def main(argv: list[str] | None = None) -> int:
             return None
         return json.loads(lines[-1][len("RESULT "):])
 
-    # Every round measures each method, then the floors it needs (supervised steps at batch multiples).
+    # Every round measures each method, then the floors it needs (supervised steps at batch multiples);
+    # --paired measures each method's floor right after the method instead.
     floor_keys = sorted({floor_key(m) for m in args.method_list} - {None, "1"})
-    jobs = [(method, args.batch, None, method) for method in args.method_list]
-    for key in floor_keys:
+
+    def floor_job(key: str, label: str) -> tuple[str, int, str | None, str]:
         multiple, _, variant = key.partition("+")
-        jobs.append(("supervised", int(multiple) * args.batch, variant or None, f"supervised x{key} batch"))
+        return "supervised", int(multiple) * args.batch, variant or None, label
+
+    jobs = []
+    for method in args.method_list:
+        jobs.append((method, args.batch, None, method))
+        if args.paired and floor_key(method) not in (None, "1"):
+            jobs.append(floor_job(floor_key(method), f"floor of {method}"))
+    if not args.paired:
+        jobs += [floor_job(key, f"supervised x{key} batch") for key in floor_keys]
     rounds: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for round_index in range(args.rounds):
         for method, batch, variant, label in jobs:
@@ -361,21 +400,28 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr, flush=True)
     kept = {label: median_round(runs) for label, runs in rounds.items()}
     results = [kept[method] for method in args.method_list]
-    supervised_at = {"1": results[0]["step_s"], **{key: kept[f"supervised x{key} batch"]["step_s"] for key in floor_keys}}
-    floor = floors(results, supervised_at)
+    ratio = None
+    if args.paired:
+        floor, ratio = paired_floors(rounds, args.method_list)
+    else:
+        supervised_at = {"1": results[0]["step_s"], **{k: kept[f"supervised x{k} batch"]["step_s"] for k in floor_keys}}
+        floor = floors(results, supervised_at)
+    pairing = "each method's floor measured right after it, x floor the median of the rounds' ratios" if args.paired \
+        else "floors measured after all methods"
     print(f"\n{args.device}, precision {args.precision}, batch {args.batch}+{args.batch} (supervised: {args.batch}), "
-          f"crop {args.crop}, median of {args.steps} steps (median of {args.rounds} rounds), {args.threads} threads; memory: {results[0]['memory_kind']}; "
+          f"crop {args.crop}, median of {args.steps} steps (median of {args.rounds} rounds; {pairing}), "
+          f"{args.threads} threads; memory: {results[0]['memory_kind']}; "
           f"floor: supervised step on as many images with gradient (ReCo: with its representation head; UniMatch: "
-          f"half of them also through the feature-perturbed stream) plus eval "
-          f"forwards of one batch "
+          f"half of them also through the feature-perturbed stream) plus eval forwards of one batch "
           f"({results[0]['forward_s'] * 1e3:.1f} ms each)")
-    print(table(results, floor))
+    print(table(results, floor, ratio))
     if args.json:
         from src.utils import atomic_write_json
 
         for r in results:
             r["floor_s"] = floor.get(r["method"])
-        atomic_write_json(Path(args.json), {"results": results, "supervised_at_batch_multiple": supervised_at,
+            r["x_floor"] = (ratio or {}).get(r["method"]) or (r["step_s"] / r["floor_s"] if r["floor_s"] else None)
+        atomic_write_json(Path(args.json), {"results": results, "paired": args.paired,
                                             "rounds": {label: [r["step_s"] for r in runs] for label, runs in rounds.items()}})
     return 0
 

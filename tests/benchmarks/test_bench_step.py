@@ -4,7 +4,9 @@ import json
 import subprocess
 import sys
 
-from benchmarks.bench_step import PARTS, floors, median_round, table
+import pytest
+
+from benchmarks.bench_step import PARTS, floors, median_round, paired_floors, table
 from tests.conftest import REPO, SMOKE
 
 
@@ -90,4 +92,43 @@ def test_rounds_keep_each_methods_median_round(tmp_path):
     saved = json.loads(out.read_text())
     assert len(saved["rounds"]["supervised"]) == 2
     assert saved["results"][0]["step_s"] == min(saved["rounds"]["supervised"])
-    assert "(median of 2 rounds)" in done.stdout
+    assert "(median of 2 rounds;" in done.stdout
+
+
+def test_paired_ratio_is_the_median_of_each_rounds_method_over_its_adjacent_floor():
+    # Round 2 is a slow spell for the method and its floor alike: paired, it does not move the ratio.
+    def steps(*values, forward=None):
+        return [{"step_s": v, "forward_s": forward} for v in values]
+
+    rounds = {
+        "supervised": steps(0.1, 0.2, 0.1, forward=0.02),
+        "cutmix": steps(0.25, 0.50, 0.30),
+        "floor of cutmix": steps(0.20, 0.40, 0.21),
+        "unknown": steps(1.0, 1.0, 1.0),
+    }
+    floor, ratio = paired_floors(rounds, ["supervised", "cutmix", "unknown"])
+    assert set(floor) == {"supervised", "cutmix"}  # no floor rule, no ratio
+    assert floor["cutmix"] == pytest.approx(0.23)  # median of 0.20 + 0.02, 0.40 + 0.02, 0.21 + 0.02
+    # rounds: 0.25 / 0.22 = 1.14, 0.50 / 0.42 = 1.19, 0.30 / 0.23 = 1.30 (unpaired: 0.30 / 0.23 = 1.30)
+    assert ratio["cutmix"] == pytest.approx(0.50 / 0.42)
+    assert ratio["supervised"] == 1.0
+    text = table([{"method": m, **r[0], "images_per_s": 1.0, **dict.fromkeys(PARTS, 0.0), "peak_memory_mib": 1.0}
+                  for m, r in rounds.items() if m in ("supervised", "cutmix")], floor, ratio)
+    assert "| cutmix | 250.0 | 2.5 | 230.0 | 1.19 |" in text
+
+
+def test_paired_run_measures_each_floor_right_after_its_method(tmp_path):
+    out = tmp_path / "bench.json"
+    done = subprocess.run(
+        [sys.executable, "benchmarks/bench_step.py", "--config", SMOKE, "--crop", "32", "--steps", "1", "--warmup", "1",
+         "--workers", "0", "--threads", "1", "--methods", "cutmix", "--paired", "--json", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    order = [line.split(", ", 1)[1].split(":")[0] for line in done.stderr.splitlines() if line.startswith("round ")]
+    assert order == ["supervised", "cutmix", "floor of cutmix"]
+    saved = json.loads(out.read_text())
+    cutmix = next(r for r in saved["results"] if r["method"] == "cutmix")
+    supervised = saved["results"][0]
+    assert saved["paired"] and cutmix["floor_s"] == saved["rounds"]["floor of cutmix"][0] + supervised["forward_s"]
+    assert cutmix["x_floor"] == cutmix["step_s"] / cutmix["floor_s"]
