@@ -84,10 +84,10 @@ def measure(method: str, args: argparse.Namespace) -> dict[str, Any]:
     import src.pl_modules.supervised as supervised_module
     from torch import Tensor
 
+    from src.networks.segmenter import Segmenter
     from src.pl_modules.base import SemiSupervisedModule
     from src.pl_modules.c3semiseg import C3SemiSeg
     from src.pl_modules.fixmatch import FixMatch
-    from src.networks.segmenter import Segmenter
     from src.pl_modules.ops import pool_to_stride
     from src.train import main
 
@@ -252,6 +252,11 @@ def floor_key(method: str) -> str | None:
     return f"{FLOOR[method][0]}{'+' + variant if variant else ''}"
 
 
+def floor_seconds(method: str, supervised_step: float, forward: float) -> float:
+    """A method's floor (see FLOOR): its floor's supervised step plus its eval-mode forwards of one batch."""
+    return supervised_step + FLOOR[method][1] * forward
+
+
 def floors(results: list[dict[str, Any]], supervised_at: dict[str, float]) -> dict[str, float]:
     """Each method's floor step time (see FLOOR) from the supervised steps at multiples of the batch."""
     forward = next(r["forward_s"] for r in results if r["method"] == "supervised")
@@ -259,7 +264,7 @@ def floors(results: list[dict[str, Any]], supervised_at: dict[str, float]) -> di
     for r in results:
         key = floor_key(r["method"])
         if key in supervised_at:
-            out[r["method"]] = supervised_at[key] + FLOOR[r["method"]][1] * forward
+            out[r["method"]] = floor_seconds(r["method"], supervised_at[key], forward)
     return out
 
 
@@ -275,8 +280,8 @@ def paired_floors(
     per_round = []  # each round's floors in seconds
     for i, base in enumerate(rounds["supervised"]):
         per_round.append({
-            m: (base["step_s"] if floor_key(m) == "1" else rounds[f"floor of {m}"][i]["step_s"])
-            + FLOOR[m][1] * base["forward_s"]
+            m: floor_seconds(m, base["step_s"] if floor_key(m) == "1" else rounds[f"floor of {m}"][i]["step_s"],
+                             base["forward_s"])
             for m in methods if floor_key(m) is not None
         })
     floor = {m: statistics.median(f[m] for f in per_round) for m in per_round[0]}
@@ -420,7 +425,8 @@ def main(argv: list[str] | None = None) -> int:
 
         for r in results:
             r["floor_s"] = floor.get(r["method"])
-            r["x_floor"] = (ratio or {}).get(r["method"]) or (r["step_s"] / r["floor_s"] if r["floor_s"] else None)
+            r["x_floor"] = ratio.get(r["method"]) if ratio is not None else (
+                r["step_s"] / r["floor_s"] if r["floor_s"] else None)
         atomic_write_json(Path(args.json), {"results": results, "paired": args.paired,
                                             "rounds": {label: [r["step_s"] for r in runs] for label, runs in rounds.items()}})
     return 0
