@@ -34,6 +34,7 @@ the slow spells that last longer than a method and its floor.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import resource
@@ -58,7 +59,9 @@ PARTS = ("data", "teacher", "mix+aug", "contrast", "rest")
 # ReCo's with its representation head (forward and backward, no loss), as the issue defines its
 # floor; UniMatch's with the first half of the images through the feature-perturbed stream (the
 # decoder on the clean and the channel-dropped features, both in the loss), as its [labeled; weak]
-# forward. C3's projection heads are not in its floor, which makes its ratio an upper bound.
+# forward; C3-SemiSeg's with its projection head on every image (forward and backward, no loss), as
+# its student's embeddings (its teacher head's no-grad forward on one batch is left out: two 1x1
+# convolutions at a quarter of the resolution).
 FLOOR = {
     "supervised": (1, 0),
     "recon": (1, 0),
@@ -68,7 +71,7 @@ FLOOR = {
     "unimatch": (4, 1),  # [labeled; weak] and two strong views with gradient, the mixing view's labels
 }
 # How a floor's supervised step runs the network, where not plainly (see above).
-FLOOR_VARIANT = {"reco": "head", "unimatch": "fp"}
+FLOOR_VARIANT = {"reco": "head", "unimatch": "fp", "c3semiseg": "c3head"}
 # Options that put a method in its steady state from the first step (C3 starts with a supervised phase).
 STEADY_STATE = {"c3semiseg": ["--model.init_args.unlabeled_start_step", "0"]}
 
@@ -144,6 +147,17 @@ def measure(method: str, args: argparse.Namespace) -> dict[str, Any]:
             return {"loss": loss, "loss_sup": loss.detach()}
 
         supervised_module.Supervised.compute_losses = perturbed_half
+    if args.floor_variant == "c3head":  # the C3 floor: its projection head on every image, no loss
+        c3_stride = inspect.signature(C3SemiSeg).parameters["embedding_stride"].default
+
+        def with_projection_head(self: Any, batch: dict[str, dict[str, Tensor]]) -> dict[str, Tensor]:
+            images, masks = batch["labeled"]["image"], batch["labeled"]["mask"]
+            logits, features = self.student.forward_features(images)
+            embeddings = self.rep_head(pool_to_stride(features, c3_stride, images.shape[-1]))
+            loss = self.supervised_loss(logits, masks) + embeddings.float().mean() * 0.0  # the head's backward runs
+            return {"loss": loss, "loss_sup": loss.detach()}
+
+        supervised_module.Supervised.compute_losses = with_projection_head
 
     with tempfile.TemporaryDirectory() as tmp:
         cli = main(
@@ -166,6 +180,8 @@ def measure(method: str, args: argparse.Namespace) -> dict[str, Any]:
             run=False,
         )
         model, datamodule = cli.model, cli.datamodule
+        if args.floor_variant == "c3head":  # registered before fit, so that the optimizer updates it too
+            model.rep_head = c3_module.projection_head(model.student.feature_channels, model.hparams.representation_dim)
         records: list[dict[str, float]] = []
 
         class StepTimer(pl.Callback):
@@ -340,7 +356,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one method, print JSON
     # internal: how a floor's supervised step runs the network (FLOOR_VARIANT)
-    parser.add_argument("--floor-variant", choices=("head", "fp"), help=argparse.SUPPRESS)
+    parser.add_argument("--floor-variant", choices=("head", "fp", "c3head"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.method_list = sorted(METHODS) if args.methods == "all" else args.methods.split(",")
     unknown = [m for m in args.method_list if m not in METHODS]
@@ -416,8 +432,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{args.device}, precision {args.precision}, batch {args.batch}+{args.batch} (supervised: {args.batch}), "
           f"crop {args.crop}, median of {args.steps} steps (median of {args.rounds} rounds; {pairing}), "
           f"{args.threads} threads; memory: {results[0]['memory_kind']}; "
-          f"floor: supervised step on as many images with gradient (ReCo: with its representation head; UniMatch: "
-          f"half of them also through the feature-perturbed stream) plus eval forwards of one batch "
+          f"floor: supervised step on as many images with gradient (ReCo, C3-SemiSeg: with its representation or "
+          f"projection head; UniMatch: half of them also through the feature-perturbed stream) plus eval forwards "
+          f"of one batch "
           f"({results[0]['forward_s'] * 1e3:.1f} ms each)")
     print(table(results, floor, ratio))
     if args.json:

@@ -43,6 +43,12 @@ def test_reco_floor_step_runs_the_head_without_the_loss():
     assert not plain["head_trained"] and plain["perturbed_per_step"] == 0
 
 
+def test_c3_floor_step_trains_a_projection_head_as_c3_does():
+    # C3's student embeds every image with its projection head; its floor's supervised step does too.
+    result = measure_one("supervised", "--floor-variant", "c3head", "--batch", "4")
+    assert result["head_trained"] and result["contrast"] == 0
+
+
 def test_unimatch_floor_step_decodes_a_perturbed_stream_as_unimatch_does():
     # UniMatch decodes one feature-perturbed stream per step; so does its floor's supervised step.
     assert measure_one("unimatch")["perturbed_per_step"] == 1
