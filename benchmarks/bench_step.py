@@ -52,26 +52,28 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 PARTS = ("data", "teacher", "mix+aug", "contrast", "rest")
-# The floor of a method's step: the supervised step on ``grad`` times the batch (forward, backward,
-# optimizer and data of that many images) plus ``no_grad`` eval-mode forwards of one batch (teacher
-# or pseudo-labels). Everything a method spends above it (mixing, augmentation, its losses,
-# pseudo-labelling, bookkeeping) is overhead. Two floors run the network the way the method must:
-# ReCo's with its representation head (forward and backward, no loss), as the issue defines its
-# floor; UniMatch's with the first half of the images through the feature-perturbed stream (the
-# decoder on the clean and the channel-dropped features, both in the loss), as its [labeled; weak]
-# forward; C3-SemiSeg's with its projection head on every image (forward and backward, no loss), as
-# its student's embeddings (its teacher head's no-grad forward on one batch is left out: two 1x1
-# convolutions at a quarter of the resolution).
+# The floor of a method's step: the supervised step on as many images with gradient as the method
+# back-propagates (forward, backward, optimizer and data of those images), run through the network
+# in the same passes (a method that keeps BatchNorm statistics per stream runs its labeled and its
+# unlabeled images as two passes, which costs more than one pass of both), plus ``no_grad``
+# eval-mode forwards of one batch (teacher or pseudo-labels). Everything a method spends above it
+# (mixing, augmentation, its losses, pseudo-labelling, bookkeeping) is overhead. ``FLOOR[method]``
+# is (the passes, in batches; the eval forwards). Three floors also run what the method must run
+# on the network: ReCo's with its representation head on every pass (forward and backward, no
+# loss), as the issue defines its floor; C3-SemiSeg's with its projection head (its teacher head's
+# no-grad forward on one batch is left out: two 1x1 convolutions at a quarter of the resolution);
+# UniMatch's first pass ([labeled; weak]) also decoded through the feature-perturbed stream (the
+# decoder on the clean and the channel-dropped features, both in the loss).
 FLOOR = {
-    "supervised": (1, 0),
-    "recon": (1, 0),
-    "mean_teacher": (2, 1), "cutout": (2, 1), "cutmix": (2, 1), "classmix": (2, 1), "reco": (2, 1),
-    "c3semiseg": (2, 1),
-    "fixmatch": (3, 1),  # [labeled; weak] and one strong view with gradient, the mixing view's labels
-    "unimatch": (4, 1),  # [labeled; weak] and two strong views with gradient, the mixing view's labels
+    "supervised": ((1,), 0),
+    "recon": ((1,), 0),
+    **dict.fromkeys(("mean_teacher", "cutout", "cutmix", "classmix", "reco"), ((1, 1), 1)),  # labeled; unlabeled
+    "c3semiseg": ((2,), 1),  # one pass of labeled + strong unlabeled, cross-set mixed
+    "fixmatch": ((2, 1), 1),  # [labeled; weak], then the strong view; the mixing view's labels
+    "unimatch": ((2, 2), 1),  # [labeled; weak] (and perturbed), then both strong views; the mixing view's labels
 }
-# How a floor's supervised step runs the network, where not plainly (see above).
-FLOOR_VARIANT = {"reco": "head", "unimatch": "fp", "c3semiseg": "c3head"}
+# What else a floor's passes run, where not plainly (see above).
+FLOOR_VARIANT = {"reco": "head", "c3semiseg": "c3head", "unimatch": "fp"}
 # Options that put a method in its steady state from the first step (C3 starts with a supervised phase).
 STEADY_STATE = {"c3semiseg": ["--model.init_args.unlabeled_start_step", "0"]}
 
@@ -121,14 +123,7 @@ def measure(method: str, args: argparse.Namespace) -> dict[str, Any]:
     FixMatch.make_views = timed("mix+aug", FixMatch.make_views)
     C3SemiSeg.contrastive_term = timed("contrast", C3SemiSeg.contrastive_term)
     reco_module.reco_from_features = timed("contrast", reco_module.reco_from_features)
-    if args.floor_variant == "head":  # the ReCo floor: the representation head's forward and backward, no loss
-        def head_only(rep_head: torch.nn.Module, logits: Tensor, features: Tensor, *rest: Any, **kw: Any) -> Tensor:
-            rep = rep_head(pool_to_stride(features, reco_module.REPRESENTATION_STRIDE, logits.shape[-1]))
-            return rep.float().mean() * 0.0  # zero, but the head's backward runs
-
-        supervised_module.reco_from_features = head_only
-    else:
-        supervised_module.reco_from_features = timed("contrast", supervised_module.reco_from_features)
+    supervised_module.reco_from_features = timed("contrast", supervised_module.reco_from_features)
     perturbed_calls = [0]
     forward_perturbed = Segmenter.forward_perturbed
 
@@ -137,27 +132,39 @@ def measure(method: str, args: argparse.Namespace) -> dict[str, Any]:
         return forward_perturbed(*a, **kw)
 
     Segmenter.forward_perturbed = counted_forward_perturbed
-    if args.floor_variant == "fp":  # the UniMatch floor: half the images also through the perturbed stream
-        def perturbed_half(self: Any, batch: dict[str, dict[str, Tensor]]) -> dict[str, Tensor]:
+    grad_passes: list[int] = []  # the batch size of each forward with gradient in the current step
+    prepare = Segmenter._prepare
+
+    def counted_prepare(self: Any, images: Tensor) -> Any:
+        if torch.is_grad_enabled():
+            grad_passes.append(len(images))
+        return prepare(self, images)
+
+    Segmenter._prepare = counted_prepare
+    passes, _, variant = (args.floor or "").partition("+")
+    if args.floor:  # a floor's supervised step (see FLOOR): the batch in the method's passes, and its variant
+        sizes = [int(p) for p in passes.split(",")]
+        stride = (reco_module.REPRESENTATION_STRIDE if variant == "head"
+                  else inspect.signature(C3SemiSeg).parameters["embedding_stride"].default)
+
+        def floor_step(self: Any, batch: dict[str, dict[str, Tensor]]) -> dict[str, Tensor]:
             images, masks = batch["labeled"]["image"], batch["labeled"]["mask"]
-            half = len(images) // 2
-            clean, perturbed = self.student.forward_perturbed(images[:half])
-            logits = torch.cat([clean, self.student(images[half:])])
-            loss = self.supervised_loss(logits, masks) + self.supervised_loss(perturbed, masks[:half])
+            unit = len(images) // sum(sizes)
+            split = [size * unit for size in sizes[:-1]] + [len(images) - unit * sum(sizes[:-1])]
+            loss = images.new_zeros(())
+            for i, (x, y) in enumerate(zip(images.split(split), masks.split(split))):
+                if variant == "fp" and i == 0:
+                    clean, perturbed = self.student.forward_perturbed(x)
+                    loss = loss + self.supervised_loss(clean, y) + self.supervised_loss(perturbed, y)
+                elif variant in ("head", "c3head"):
+                    logits, features = self.student.forward_features(x)
+                    embeddings = self.rep_head(pool_to_stride(features, stride, x.shape[-1]))
+                    loss = loss + self.supervised_loss(logits, y) + embeddings.float().mean() * 0.0  # the head's backward
+                else:
+                    loss = loss + self.supervised_loss(self.student(x), y)
             return {"loss": loss, "loss_sup": loss.detach()}
 
-        supervised_module.Supervised.compute_losses = perturbed_half
-    if args.floor_variant == "c3head":  # the C3 floor: its projection head on every image, no loss
-        c3_stride = inspect.signature(C3SemiSeg).parameters["embedding_stride"].default
-
-        def with_projection_head(self: Any, batch: dict[str, dict[str, Tensor]]) -> dict[str, Tensor]:
-            images, masks = batch["labeled"]["image"], batch["labeled"]["mask"]
-            logits, features = self.student.forward_features(images)
-            embeddings = self.rep_head(pool_to_stride(features, c3_stride, images.shape[-1]))
-            loss = self.supervised_loss(logits, masks) + embeddings.float().mean() * 0.0  # the head's backward runs
-            return {"loss": loss, "loss_sup": loss.detach()}
-
-        supervised_module.Supervised.compute_losses = with_projection_head
+        supervised_module.Supervised.compute_losses = floor_step
 
     with tempfile.TemporaryDirectory() as tmp:
         cli = main(
@@ -173,14 +180,14 @@ def measure(method: str, args: argparse.Namespace) -> dict[str, Any]:
                 "--trainer.default_root_dir", tmp,
                 "--trainer.logger", "false",
                 *STEADY_STATE.get(method, []),
-                *(["--model.init_args.reco_weight", "1"] if args.floor_variant == "head" else []),
+                *(["--model.init_args.reco_weight", "1"] if variant == "head" else []),  # builds its head
                 *(["--model.init_args.channels_last", "true"] if args.channels_last else []),
                 *(["--model.init_args.compile", "true"] if args.compile else []),
             ],
             run=False,
         )
         model, datamodule = cli.model, cli.datamodule
-        if args.floor_variant == "c3head":  # registered before fit, so that the optimizer updates it too
+        if variant == "c3head":  # registered before fit, so that the optimizer updates it too
             model.rep_head = c3_module.projection_head(model.student.feature_channels, model.hparams.representation_dim)
         records: list[dict[str, float]] = []
 
@@ -193,6 +200,7 @@ def measure(method: str, args: argparse.Namespace) -> dict[str, Any]:
                 self.start = time.perf_counter()
                 self.data = self.start - self.batch_end
                 spent.clear()
+                grad_passes.clear()
 
             def on_train_batch_end(self, trainer: Any, module: Any, *rest: Any) -> None:
                 sync()
@@ -247,11 +255,13 @@ def measure(method: str, args: argparse.Namespace) -> dict[str, Any]:
         "peak_memory_mib": (torch.cuda.max_memory_allocated() if cuda
                             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20,
         "memory_kind": "cuda allocated" if cuda else "process RSS",
-        # whether a representation head took part in the backward pass (ReCo; the floor's head-only step)
+        # whether a representation or projection head took part in the backward pass (ReCo, C3 and their floors)
         "head_trained": getattr(model, "rep_head", None) is not None
         and any(p.grad is not None for p in model.rep_head.parameters()),
         # decoder passes on feature-perturbed streams per step (UniMatch; the floor's "fp" step)
         "perturbed_per_step": perturbed_calls[0] / (args.warmup + args.steps),
+        # the batch sizes of the network's passes with gradient in the last step (a floor runs the method's)
+        "grad_passes": list(grad_passes),
     }
 
 
@@ -261,11 +271,11 @@ def median_round(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def floor_key(method: str) -> str | None:
-    """The supervised step a method's floor is built on: ``"2"`` (twice the batch), ``"2+head"``, ``"4+fp"``..."""
+    """The supervised step a method's floor is built on: its passes in batches and variant, ``"1,1+head"``..."""
     if method not in FLOOR:
         return None
     variant = FLOOR_VARIANT.get(method)
-    return f"{FLOOR[method][0]}{'+' + variant if variant else ''}"
+    return ",".join(map(str, FLOOR[method][0])) + (f"+{variant}" if variant else "")
 
 
 def floor_seconds(method: str, supervised_step: float, forward: float) -> float:
@@ -274,7 +284,7 @@ def floor_seconds(method: str, supervised_step: float, forward: float) -> float:
 
 
 def floors(results: list[dict[str, Any]], supervised_at: dict[str, float]) -> dict[str, float]:
-    """Each method's floor step time (see FLOOR) from the supervised steps at multiples of the batch."""
+    """Each method's floor step time (see FLOOR) from the floors' supervised steps, by `floor_key`."""
     forward = next(r["forward_s"] for r in results if r["method"] == "supervised")
     out = {}
     for r in results:
@@ -355,8 +365,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--config", help="an extra YAML applied after the method's (e.g. another encoder)")
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one method, print JSON
-    # internal: how a floor's supervised step runs the network (FLOOR_VARIANT)
-    parser.add_argument("--floor-variant", choices=("head", "fp", "c3head"), help=argparse.SUPPRESS)
+    # internal: measure the supervised step of this floor (a floor_key) instead of a method
+    parser.add_argument("--floor", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.method_list = sorted(METHODS) if args.methods == "all" else args.methods.split(",")
     unknown = [m for m in args.method_list if m not in METHODS]
@@ -383,10 +393,10 @@ def main(argv: list[str] | None = None) -> int:
         skip = arg == "--methods"
         if not skip:
             rest.append(arg)
-    def child(method: str, batch: int, variant: str | None = None) -> dict[str, Any] | None:
+    def child(method: str, batch: int, floor: str | None = None) -> dict[str, Any] | None:
         done = subprocess.run(
             [sys.executable, __file__, *rest, "--batch", str(batch), "--methods", method, "--one", method,
-             *(["--floor-variant", variant] if variant else [])],
+             *(["--floor", floor] if floor else [])],
             cwd=REPO, capture_output=True, text=True,
         )
         lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
@@ -400,8 +410,8 @@ def main(argv: list[str] | None = None) -> int:
     floor_keys = sorted({floor_key(m) for m in args.method_list} - {None, "1"})
 
     def floor_job(key: str, label: str) -> tuple[str, int, str | None, str]:
-        multiple, _, variant = key.partition("+")
-        return "supervised", int(multiple) * args.batch, variant or None, label
+        passes = key.partition("+")[0].split(",")
+        return "supervised", sum(map(int, passes)) * args.batch, key, label
 
     jobs = []
     for method in args.method_list:
@@ -412,8 +422,8 @@ def main(argv: list[str] | None = None) -> int:
         jobs += [floor_job(key, f"supervised x{key} batch") for key in floor_keys]
     rounds: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for round_index in range(args.rounds):
-        for method, batch, variant, label in jobs:
-            result = child(method, batch, variant)
+        for method, batch, floor_arg, label in jobs:
+            result = child(method, batch, floor_arg)
             if result is None:
                 return 1
             rounds[label].append(result)
@@ -432,9 +442,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{args.device}, precision {args.precision}, batch {args.batch}+{args.batch} (supervised: {args.batch}), "
           f"crop {args.crop}, median of {args.steps} steps (median of {args.rounds} rounds; {pairing}), "
           f"{args.threads} threads; memory: {results[0]['memory_kind']}; "
-          f"floor: supervised step on as many images with gradient (ReCo, C3-SemiSeg: with its representation or "
-          f"projection head; UniMatch: half of them also through the feature-perturbed stream) plus eval forwards "
-          f"of one batch "
+          f"floor: supervised step on as many images with gradient, in the method's passes (ReCo, C3-SemiSeg: "
+          f"with its representation or projection head; UniMatch: its first pass also through the feature-perturbed "
+          f"stream) plus eval forwards of one batch "
           f"({results[0]['forward_s'] * 1e3:.1f} ms each)")
     print(table(results, floor, ratio))
     if args.json:

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from benchmarks.bench_step import PARTS, floors, median_round, paired_floors, table
+from benchmarks.bench_step import PARTS, floor_key, floors, median_round, paired_floors, table
 from tests.conftest import REPO, SMOKE
 
 
@@ -35,24 +35,27 @@ def test_c3_parts_are_timed_not_left_in_rest():
     assert result["teacher"] > 0 and result["mix+aug"] > 0 and result["contrast"] > 0
 
 
-def test_reco_floor_step_runs_the_head_without_the_loss():
-    # The floor child: supervised with ReCo's head in forward and backward, its loss replaced by zero.
-    result = measure_one("supervised", "--floor-variant", "head")
-    assert result["head_trained"] and result["contrast"] == 0  # the head got gradients; the loss never ran
+@pytest.mark.parametrize("method, passes", [
+    ("cutmix", [8, 8]),  # the mean-teacher family keeps BatchNorm statistics per stream: labeled, unlabeled
+    ("reco", [8, 8]),  # the same, with its representation head on both
+    ("c3semiseg", [16]),  # labeled + strong unlabeled in one cross-set mixed pass, with its projection head
+    ("fixmatch", [16, 8]),  # [labeled; weak], then the strong view
+    ("unimatch", [16, 16]),  # [labeled; weak] with its feature-perturbed stream, then both strong views
+])
+def test_floor_step_runs_the_network_as_the_method_does(method, passes):
+    # The floor's supervised step: as many images with gradient, in the same passes, through the
+    # same heads and perturbed streams, with a zero loss on the heads (their losses never run).
+    seen = measure_one(method)
+    floor = measure_one("supervised", "--floor", floor_key(method), "--batch", str(sum(passes)))
+    assert seen["grad_passes"] == floor["grad_passes"] == passes
+    assert seen["head_trained"] == floor["head_trained"] == (method in ("reco", "c3semiseg"))
+    assert seen["perturbed_per_step"] == floor["perturbed_per_step"] == (method == "unimatch")
+    assert floor["contrast"] == 0
+
+
+def test_plain_supervised_step_has_no_head_and_no_perturbed_stream():
     plain = measure_one("supervised")
-    assert not plain["head_trained"] and plain["perturbed_per_step"] == 0
-
-
-def test_c3_floor_step_trains_a_projection_head_as_c3_does():
-    # C3's student embeds every image with its projection head; its floor's supervised step does too.
-    result = measure_one("supervised", "--floor-variant", "c3head", "--batch", "4")
-    assert result["head_trained"] and result["contrast"] == 0
-
-
-def test_unimatch_floor_step_decodes_a_perturbed_stream_as_unimatch_does():
-    # UniMatch decodes one feature-perturbed stream per step; so does its floor's supervised step.
-    assert measure_one("unimatch")["perturbed_per_step"] == 1
-    assert measure_one("supervised", "--floor-variant", "fp", "--batch", "4")["perturbed_per_step"] == 1
+    assert plain["grad_passes"] == [8] and not plain["head_trained"] and plain["perturbed_per_step"] == 0
 
 
 def test_table_ratios_to_supervised():
@@ -75,7 +78,7 @@ def test_floor_is_the_supervised_step_on_as_many_images_plus_the_no_grad_forward
         {"method": "unknown", "step_s": 0.6, "forward_s": None},
     ]
     rows.append({"method": "reco", "step_s": 0.4, "forward_s": None})
-    floor = floors(rows, {"1": 0.1, "2": 0.18, "2+head": 0.2, "4+fp": 0.35})
+    floor = floors(rows, {"1": 0.1, "1,1": 0.18, "1,1+head": 0.2, "2,2+fp": 0.35})
     # supervised: itself; cutmix: student on 2B plus the teacher's forward on B; UniMatch: 4B, half of
     # them also through the perturbed stream, + 1;
     # ReCo: the student with its representation head on 2B, plus the teacher's forward.
