@@ -316,9 +316,16 @@ def paired_floors(
 
 
 def table(
-    results: list[dict[str, Any]], floor: dict[str, float] | None = None, ratio: dict[str, float] | None = None
+    results: list[dict[str, Any]],
+    floor: dict[str, float] | None = None,
+    ratio: dict[str, float] | None = None,
+    floor_memory: dict[str, float] | None = None,
 ) -> str:
-    """The markdown table; ``x floor`` is ``step / floor`` unless ``ratio`` gives it (paired rounds)."""
+    """The markdown table; ``x floor`` is ``step / floor`` unless ``ratio`` gives it (paired rounds).
+
+    ``floor_memory``: each method's floor step's peak memory (for ReCo: the network with its head,
+    without the loss), shown next to the method's own peak.
+    """
     import pandas as pd
 
     from benchmarks.report import markdown_table
@@ -335,6 +342,8 @@ def table(
         "img/s": frame["images_per_s"].round(1),
         **{f"{part} ms": (frame[part] * 1e3).round(1) for part in PARTS},
         "peak MiB": frame["peak_memory_mib"].round(0).astype(int),
+        "floor peak MiB": pd.Series(floor_memory or {}, dtype=float).reindex(frame.index).map(
+            lambda mib: "–" if pd.isna(mib) else round(mib)),
     })
     for column in ("floor ms", "x floor"):  # methods without a floor rule (or no floor measured)
         out[column] = out[column].astype(object).where(out[column].notna(), "–")
@@ -431,6 +440,9 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr, flush=True)
     kept = {label: median_round(runs) for label, runs in rounds.items()}
     results = [kept[method] for method in args.method_list]
+    floor_runs = {m: rounds["supervised"] if floor_key(m) == "1" else rounds.get(f"floor of {m}")
+                  or rounds[f"supervised x{floor_key(m)} batch"] for m in args.method_list if floor_key(m)}
+    floor_memory = {m: statistics.median(r["peak_memory_mib"] for r in runs) for m, runs in floor_runs.items()}
     ratio = None
     if args.paired:
         floor, ratio = paired_floors(rounds, args.method_list)
@@ -446,12 +458,13 @@ def main(argv: list[str] | None = None) -> int:
           f"with its representation or projection head; UniMatch: its first pass also through the feature-perturbed "
           f"stream) plus eval forwards of one batch "
           f"({results[0]['forward_s'] * 1e3:.1f} ms each)")
-    print(table(results, floor, ratio))
+    print(table(results, floor, ratio, floor_memory))
     if args.json:
         from src.utils import atomic_write_json
 
         for r in results:
             r["floor_s"] = floor.get(r["method"])
+            r["floor_peak_memory_mib"] = floor_memory.get(r["method"])
             r["x_floor"] = ratio.get(r["method"]) if ratio is not None else (
                 r["step_s"] / r["floor_s"] if r["floor_s"] else None)
         atomic_write_json(Path(args.json), {"results": results, "paired": args.paired,

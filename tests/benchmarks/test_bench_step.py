@@ -85,6 +85,11 @@ def test_floor_is_the_supervised_step_on_as_many_images_plus_the_no_grad_forward
     assert floor == {"supervised": 0.1, "cutmix": 0.18 + 0.03, "unimatch": 0.35 + 0.03, "reco": 0.2 + 0.03}
     text = table([{**r, "images_per_s": 1.0, **dict.fromkeys(PARTS, 0.0), "peak_memory_mib": 1.0} for r in rows], floor)
     assert "| cutmix | 300.0 | 3.0 | 210.0 | 1.43 |" in text
+    # Peak memory with and without what a method adds to its floor (ReCo: with and without its loss).
+    text = table([{**r, "images_per_s": 1.0, **dict.fromkeys(PARTS, 0.0), "peak_memory_mib": 150.4} for r in rows],
+                 floor, floor_memory={"reco": 120.6})
+    assert "| reco | 400.0 | 4.0 | 230.0 | 1.74 | 1.0 | 0.0 | 0.0 | 0.0 | 0.0 | 0.0 | 150 | 121 |" in text
+    assert "| 150 | – |" in text  # no floor measured, no floor peak
 
 
 def test_rounds_keep_each_methods_median_round(tmp_path):
@@ -141,3 +146,4 @@ def test_paired_run_measures_each_floor_right_after_its_method(tmp_path):
     supervised = saved["results"][0]
     assert saved["paired"] and cutmix["floor_s"] == saved["rounds"]["floor of cutmix"][0] + supervised["forward_s"]
     assert cutmix["x_floor"] == cutmix["step_s"] / cutmix["floor_s"]
+    assert cutmix["floor_peak_memory_mib"] > 0 and "| floor peak MiB |" in done.stdout
