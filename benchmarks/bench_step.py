@@ -141,9 +141,8 @@ def measure(method: str, args: argparse.Namespace) -> dict[str, Any]:
         return prepare(self, images)
 
     Segmenter._prepare = counted_prepare
-    passes, _, variant = (args.floor or "").partition("+")
+    sizes, variant = parse_floor_key(args.floor) if args.floor else ([], "")
     if args.floor:  # a floor's supervised step (see FLOOR): the batch in the method's passes, and its variant
-        sizes = [int(p) for p in passes.split(",")]
         stride = (reco_module.REPRESENTATION_STRIDE if variant == "head"
                   else inspect.signature(C3SemiSeg).parameters["embedding_stride"].default)
 
@@ -276,6 +275,12 @@ def floor_key(method: str) -> str | None:
         return None
     variant = FLOOR_VARIANT.get(method)
     return ",".join(map(str, FLOOR[method][0])) + (f"+{variant}" if variant else "")
+
+
+def parse_floor_key(key: str) -> tuple[list[int], str]:
+    """A `floor_key`'s passes, in batches, and its variant: ``"2,2+fp"`` -> ``([2, 2], "fp")``."""
+    passes, _, variant = key.partition("+")
+    return [int(p) for p in passes.split(",")], variant
 
 
 def floor_seconds(method: str, supervised_step: float, forward: float) -> float:
@@ -414,13 +419,12 @@ def main(argv: list[str] | None = None) -> int:
             return None
         return json.loads(lines[-1][len("RESULT "):])
 
-    # Every round measures each method, then the floors it needs (supervised steps at batch multiples);
+    # Every round measures each method, then the floors it needs (their supervised steps, by floor_key);
     # --paired measures each method's floor right after the method instead.
     floor_keys = sorted({floor_key(m) for m in args.method_list} - {None, "1"})
 
     def floor_job(key: str, label: str) -> tuple[str, int, str | None, str]:
-        passes = key.partition("+")[0].split(",")
-        return "supervised", sum(map(int, passes)) * args.batch, key, label
+        return "supervised", sum(parse_floor_key(key)[0]) * args.batch, key, label
 
     jobs = []
     for method in args.method_list:
