@@ -25,10 +25,11 @@ which adds a little to every part). Figures from one invocation are comparable w
 other; runs on shared machines are noisy, so compare ratios, not absolute times. ``--rounds R``
 measures every method and floor R times, in turn (method after method, then again), and keeps
 for each the round with the median step: a slow minute of a shared machine then shifts one
-round of every method instead of all rounds of one method. ``--paired`` measures each method's
-floor right after the method (the floors are measured once per method, not once per batch
-multiple) and gives ``x floor`` as the median over rounds of those adjacent ratios, which cancels
-the slow spells that last longer than a method and its floor.
+round of every method instead of all rounds of one method. ``--paired`` measures each method in
+lockstep with its floor: two processes, each waiting for its turn before every step, so that the
+method's steps and the floor's alternate (A, B, A, B...) and share every slow spell of the machine;
+``x floor`` is the median over rounds of the ratio of their median steps. The process that waits
+holds its memory but runs nothing (its data-loader workers may prefetch, as in any run).
 """
 
 from __future__ import annotations
@@ -190,8 +191,16 @@ def measure(method: str, args: argparse.Namespace) -> dict[str, Any]:
             model.rep_head = c3_module.projection_head(model.student.feature_channels, model.hparams.representation_dim)
         records: list[dict[str, float]] = []
 
+        turns = [int(fd) for fd in args.turns.split(",")] if args.turns else None
+
+        def take_turn() -> None:
+            """--paired: wait until the parent lets this process run its next step (see `lockstep`)."""
+            if turns is not None and not os.read(turns[0], 1):
+                raise RuntimeError("bench_step: the parent closed the turn pipe")
+
         class StepTimer(pl.Callback):
-            def __init__(self) -> None:
+            def on_train_start(self, trainer: Any, module: Any) -> None:
+                take_turn()  # the first batch is fetched in this process's turn
                 self.batch_end = time.perf_counter()
 
             def on_train_batch_start(self, trainer: Any, module: Any, batch: Any, batch_idx: int) -> None:
@@ -203,11 +212,17 @@ def measure(method: str, args: argparse.Namespace) -> dict[str, Any]:
 
             def on_train_batch_end(self, trainer: Any, module: Any, *rest: Any) -> None:
                 sync()
-                self.batch_end = time.perf_counter()
-                step = self.batch_end - self.start
+                end = time.perf_counter()
+                step = end - self.start
                 parts = {part: spent.get(part, 0.0) for part in PARTS[1:-1]}
                 parts["rest"] = step - sum(parts.values())
-                records.append({"step": step + self.data, "data": self.data, **parts})
+                # perf_counter is CLOCK_MONOTONIC on Linux: one clock for every process
+                records.append({"step": step + self.data, "data": self.data, **parts,
+                                "window": (self.start - self.data, end)})
+                if turns is not None:
+                    os.write(turns[1], b".")
+                    take_turn()  # the next batch is fetched in the next turn; after the last step, the release
+                self.batch_end = time.perf_counter()
 
         trainer = pl.Trainer(
             max_steps=args.warmup + args.steps,
@@ -261,6 +276,8 @@ def measure(method: str, args: argparse.Namespace) -> dict[str, Any]:
         "perturbed_per_step": perturbed_calls[0] / (args.warmup + args.steps),
         # the batch sizes of the network's passes with gradient in the last step (a floor runs the method's)
         "grad_passes": list(grad_passes),
+        # each timed step's (start, end) in seconds of CLOCK_MONOTONIC, its data wait included
+        "windows": [r["window"] for r in timed_steps],
     }
 
 
@@ -305,13 +322,13 @@ def paired_floors(
     """``--paired``: each method's floor (median over rounds) and x floor (median of the rounds' ratios).
 
     ``rounds[label][i]`` is round i's result of ``label``: a method, or ``"floor of <method>"``, the
-    floor's supervised step measured right after it; round i's ``supervised`` gives the step of
-    floor ``"1"`` and the eval-mode forward that the floors add.
+    floor's supervised step measured in lockstep with it; round i's ``supervised`` gives the
+    eval-mode forward that the floors add (and the step of a floor ``"1"`` not measured with its method).
     """
     per_round = []  # each round's floors in seconds
     for i, base in enumerate(rounds["supervised"]):
         per_round.append({
-            m: floor_seconds(m, base["step_s"] if floor_key(m) == "1" else rounds[f"floor of {m}"][i]["step_s"],
+            m: floor_seconds(m, rounds[f"floor of {m}"][i]["step_s"] if f"floor of {m}" in rounds else base["step_s"],
                              base["forward_s"])
             for m in methods if floor_key(m) is not None
         })
@@ -371,8 +388,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=20, help="timed steps")
     parser.add_argument("--rounds", type=int, default=1, help="measure everything this many times in turn; "
                         "each method keeps its median round")
-    parser.add_argument("--paired", action="store_true", help="measure each method's floor right after it; "
-                        "x floor is the median over rounds of those paired ratios")
+    parser.add_argument("--paired", action="store_true", help="measure each method in lockstep with its floor "
+                        "(two processes taking turns, step by step); x floor is the median over rounds of their ratios")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--workers", type=int, default=2, help="data-loader workers per stream")
     parser.add_argument("--threads", type=int, default=max(1, min(2, os.cpu_count() or 1)))
@@ -381,6 +398,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one method, print JSON
     # internal: measure the supervised step of this floor (a floor_key) instead of a method
     parser.add_argument("--floor", help=argparse.SUPPRESS)
+    # internal (--paired): "GO,DONE" file descriptors; each step waits for a byte on GO and writes one to DONE
+    parser.add_argument("--turns", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.method_list = sorted(METHODS) if args.methods == "all" else args.methods.split(",")
     unknown = [m for m in args.method_list if m not in METHODS]
@@ -407,45 +426,90 @@ def main(argv: list[str] | None = None) -> int:
         skip = arg == "--methods"
         if not skip:
             rest.append(arg)
-    def child(method: str, batch: int, floor: str | None = None) -> dict[str, Any] | None:
-        done = subprocess.run(
-            [sys.executable, __file__, *rest, "--batch", str(batch), "--methods", method, "--one", method,
-             *(["--floor", floor] if floor else [])],
-            cwd=REPO, capture_output=True, text=True,
-        )
-        lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-        if done.returncode != 0 or not lines:
-            print(f"{method} (batch {batch}): failed\n{done.stderr[-2000:]}", file=sys.stderr)
+    def command(method: str, batch: int, floor: str | None) -> list[str]:
+        return [sys.executable, __file__, *rest, "--batch", str(batch), "--methods", method, "--one", method,
+                *(["--floor", floor] if floor else [])]
+
+    def result_of(label: str, returncode: int, stdout: str, stderr: str) -> dict[str, Any] | None:
+        lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
+        if returncode != 0 or not lines:
+            print(f"{label}: failed\n{stderr[-2000:]}", file=sys.stderr)
             return None
         return json.loads(lines[-1][len("RESULT "):])
 
+    def child(job: tuple[str, int, str | None, str]) -> dict[str, Any] | None:
+        method, batch, floor, label = job
+        done = subprocess.run(command(method, batch, floor), cwd=REPO, capture_output=True, text=True)
+        return result_of(label, done.returncode, done.stdout, done.stderr)
+
+    def lockstep(jobs: list[tuple[str, int, str | None, str]]) -> list[dict[str, Any] | None]:
+        """Run the jobs' children at once, one training step at a time in turn (--paired).
+
+        Each child builds its model and loaders freely, then waits for its turn before every step
+        (its batch fetch included) and reports the step's end; so the method's steps and its
+        floor's alternate and share every slow spell of the machine, step by step.
+        """
+        procs, pipes, outputs = [], [], []
+        for method, batch, floor, _ in jobs:
+            go, done = os.pipe(), os.pipe()  # (read, write) each
+            out = tempfile.TemporaryFile(mode="w+")  # files, not pipes: a child that logs a lot never blocks
+            procs.append(subprocess.Popen(
+                [*command(method, batch, floor), "--turns", f"{go[0]},{done[1]}"],
+                cwd=REPO, stdout=out, stderr=subprocess.STDOUT, text=True, pass_fds=(go[0], done[1])))
+            os.close(go[0]), os.close(done[1])
+            pipes.append((go[1], done[0]))
+            outputs.append(out)
+        try:
+            for _ in range(args.warmup + args.steps):
+                for go, done in pipes:
+                    os.write(go, b".")
+                    if not os.read(done, 1):  # the child died
+                        raise ChildProcessError
+            for go, _ in pipes:  # every step is done: release them all at once (none winds down during another's step)
+                os.write(go, b".")
+        except (ChildProcessError, BrokenPipeError):
+            pass  # reported below from the children's output
+        finally:
+            for go, done in pipes:
+                os.close(go), os.close(done)  # a child still waiting for its turn gets EOF and stops
+        results = []
+        for proc, out, job in zip(procs, outputs, jobs):
+            returncode = proc.wait()
+            out.seek(0)
+            text = out.read()
+            results.append(result_of(job[3], returncode, text, text))
+        return results
+
     # Every round measures each method, then the floors it needs (their supervised steps, by floor_key);
-    # --paired measures each method's floor right after the method instead.
+    # --paired runs each method in lockstep with its floor instead (even a floor that is plain supervised).
     floor_keys = sorted({floor_key(m) for m in args.method_list} - {None, "1"})
 
     def floor_job(key: str, label: str) -> tuple[str, int, str | None, str]:
         return "supervised", sum(parse_floor_key(key)[0]) * args.batch, key, label
 
-    jobs = []
+    groups = []  # jobs measured together: alone, or a method and its floor in lockstep
     for method in args.method_list:
-        jobs.append((method, args.batch, None, method))
-        if args.paired and floor_key(method) not in (None, "1"):
-            jobs.append(floor_job(floor_key(method), f"floor of {method}"))
+        job = (method, args.batch, None, method)
+        if args.paired and method != "supervised" and floor_key(method) is not None:
+            groups.append([job, floor_job(floor_key(method), f"floor of {method}")])
+        else:
+            groups.append([job])
     if not args.paired:
-        jobs += [floor_job(key, f"supervised x{key} batch") for key in floor_keys]
+        groups += [[floor_job(key, f"supervised x{key} batch")] for key in floor_keys]
     rounds: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for round_index in range(args.rounds):
-        for method, batch, floor_arg, label in jobs:
-            result = child(method, batch, floor_arg)
-            if result is None:
+        for group in groups:
+            results = lockstep(group) if len(group) > 1 else [child(group[0])]
+            if None in results:
                 return 1
-            rounds[label].append(result)
-            print(f"round {round_index + 1}/{args.rounds}, {label}: {result['step_s'] * 1e3:.1f} ms/step",
-                  file=sys.stderr, flush=True)
+            for job, result in zip(group, results):
+                rounds[job[3]].append(result)
+                print(f"round {round_index + 1}/{args.rounds}, {job[3]}: {result['step_s'] * 1e3:.1f} ms/step",
+                      file=sys.stderr, flush=True)
     kept = {label: median_round(runs) for label, runs in rounds.items()}
     results = [kept[method] for method in args.method_list]
-    floor_runs = {m: rounds["supervised"] if floor_key(m) == "1" else rounds.get(f"floor of {m}")
-                  or rounds[f"supervised x{floor_key(m)} batch"] for m in args.method_list if floor_key(m)}
+    floor_runs = {m: rounds.get(f"floor of {m}") or (rounds["supervised"] if floor_key(m) == "1"
+                  else rounds[f"supervised x{floor_key(m)} batch"]) for m in args.method_list if floor_key(m)}
     floor_memory = {m: statistics.median(r["peak_memory_mib"] for r in runs) for m, runs in floor_runs.items()}
     ratio = None
     if args.paired:
@@ -453,7 +517,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         supervised_at = {"1": results[0]["step_s"], **{k: kept[f"supervised x{k} batch"]["step_s"] for k in floor_keys}}
         floor = floors(results, supervised_at)
-    pairing = "each method's floor measured right after it, x floor the median of the rounds' ratios" if args.paired \
+    pairing = ("each method in lockstep with its floor, their steps in turn, x floor the median of the rounds' "
+               "ratios") if args.paired \
         else "floors measured after all methods"
     print(f"\n{args.device}, precision {args.precision}, batch {args.batch}+{args.batch} (supervised: {args.batch}), "
           f"crop {args.crop}, median of {args.steps} steps (median of {args.rounds} rounds; {pairing}), "
@@ -471,8 +536,12 @@ def main(argv: list[str] | None = None) -> int:
             r["floor_peak_memory_mib"] = floor_memory.get(r["method"])
             r["x_floor"] = ratio.get(r["method"]) if ratio is not None else (
                 r["step_s"] / r["floor_s"] if r["floor_s"] else None)
-        atomic_write_json(Path(args.json), {"results": results, "paired": args.paired,
-                                            "rounds": {label: [r["step_s"] for r in runs] for label, runs in rounds.items()}})
+        atomic_write_json(Path(args.json), {
+            "results": results,
+            "paired": args.paired,
+            "rounds": {label: [r["step_s"] for r in runs] for label, runs in rounds.items()},
+            "windows": {label: [r["windows"] for r in runs] for label, runs in rounds.items()},  # each timed step's
+        })
     return 0
 
 

@@ -131,10 +131,10 @@ def test_paired_ratio_is_the_median_of_each_rounds_method_over_its_adjacent_floo
     assert "| cutmix | 250.0 | 2.5 | 230.0 | 1.19 |" in text
 
 
-def test_paired_run_measures_each_floor_right_after_its_method(tmp_path):
+def test_paired_run_measures_each_method_in_lockstep_with_its_floor(tmp_path):
     out = tmp_path / "bench.json"
     done = subprocess.run(
-        [sys.executable, "benchmarks/bench_step.py", "--config", SMOKE, "--crop", "32", "--steps", "1", "--warmup", "1",
+        [sys.executable, "benchmarks/bench_step.py", "--config", SMOKE, "--crop", "32", "--steps", "3", "--warmup", "1",
          "--workers", "0", "--threads", "1", "--methods", "cutmix", "--paired", "--json", str(out)],
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )
@@ -147,3 +147,8 @@ def test_paired_run_measures_each_floor_right_after_its_method(tmp_path):
     assert saved["paired"] and cutmix["floor_s"] == saved["rounds"]["floor of cutmix"][0] + supervised["forward_s"]
     assert cutmix["x_floor"] == cutmix["step_s"] / cutmix["floor_s"]
     assert cutmix["floor_peak_memory_mib"] > 0 and "| floor peak MiB |" in done.stdout
+    # The two processes took turns: their timed steps alternate, and no two overlap in time.
+    steps = sorted([(*w, "method") for w in saved["windows"]["cutmix"][0]]
+                   + [(*w, "floor") for w in saved["windows"]["floor of cutmix"][0]])
+    assert [who for _, _, who in steps] == ["method", "floor"] * 3
+    assert all(later[0] >= earlier[1] for earlier, later in zip(steps, steps[1:]))
