@@ -57,7 +57,8 @@ PARTS = ("data", "teacher", "mix+aug", "contrast", "rest")
 # back-propagates (forward, backward, optimizer and data of those images), run through the network
 # in the same passes (a method that keeps BatchNorm statistics per stream runs its labeled and its
 # unlabeled images as two passes, which costs more than one pass of both), plus ``no_grad``
-# eval-mode forwards of one batch (teacher or pseudo-labels). Everything a method spends above it
+# eval-mode forwards of one batch (teacher or pseudo-labels), all in one step of one process (the
+# floor's child runs them, see `measure`). Everything a method spends above it
 # (mixing, augmentation, its losses, pseudo-labelling, bookkeeping) is overhead. ``FLOOR[method]``
 # is (the passes, in batches; the eval forwards). Three floors also run what the method must run
 # on the network: ReCo's with its representation head on every pass (forward and backward, no
@@ -134,22 +135,28 @@ def measure(method: str, args: argparse.Namespace) -> dict[str, Any]:
 
     Segmenter.forward_perturbed = counted_forward_perturbed
     grad_passes: list[int] = []  # the batch size of each forward with gradient in the current step
+    eval_passes: list[int] = []  # ... and of each forward without gradient (teacher, pseudo-labels)
     prepare = Segmenter._prepare
 
     def counted_prepare(self: Any, images: Tensor) -> Any:
-        if torch.is_grad_enabled():
-            grad_passes.append(len(images))
+        (grad_passes if torch.is_grad_enabled() else eval_passes).append(len(images))
         return prepare(self, images)
 
     Segmenter._prepare = counted_prepare
-    sizes, variant = parse_floor_key(args.floor) if args.floor else ([], "")
-    if args.floor:  # a floor's supervised step (see FLOOR): the batch in the method's passes, and its variant
+    sizes, evals, variant = parse_floor_key(args.floor) if args.floor else ([], 0, "")
+    if args.floor:  # a floor's step (see FLOOR): its eval forwards, then the batch in the method's passes, its variant
         stride = (reco_module.REPRESENTATION_STRIDE if variant == "head"
                   else inspect.signature(C3SemiSeg).parameters["embedding_stride"].default)
 
         def floor_step(self: Any, batch: dict[str, dict[str, Tensor]]) -> dict[str, Tensor]:
             images, masks = batch["labeled"]["image"], batch["labeled"]["mask"]
-            unit = len(images) // sum(sizes)
+            unit = len(images) // sum(sizes)  # the method's batch
+            if evals:  # as a teacher: eval mode (BatchNorm's running statistics), no gradient
+                self.student.eval()
+                with torch.no_grad():
+                    for _ in range(evals):
+                        self.student(images[:unit])
+                self.student.train()
             split = [size * unit for size in sizes[:-1]] + [len(images) - unit * sum(sizes[:-1])]
             loss = images.new_zeros(())
             for i, (x, y) in enumerate(zip(images.split(split), masks.split(split))):
@@ -209,6 +216,7 @@ def measure(method: str, args: argparse.Namespace) -> dict[str, Any]:
                 self.data = self.start - self.batch_end
                 spent.clear()
                 grad_passes.clear()
+                eval_passes.clear()
 
             def on_train_batch_end(self, trainer: Any, module: Any, *rest: Any) -> None:
                 sync()
@@ -245,25 +253,9 @@ def measure(method: str, args: argparse.Namespace) -> dict[str, Any]:
     timed_steps = records[args.warmup:]
     images = args.batch * (2 if model.uses_unlabeled else 1)
     step = statistics.median(r["step"] for r in timed_steps)
-    forward_s = None
-    if method == "supervised":  # the eval-mode, no-gradient forward of one batch, for the floors
-        network = model.student.eval()
-        inputs = torch.randn(args.batch, 3, args.crop, args.crop, device=model.device)
-        if args.channels_last:
-            inputs = inputs.contiguous(memory_format=torch.channels_last)
-        times = []
-        with torch.no_grad(), torch.autocast(args.device, dtype=torch.bfloat16, enabled="bf16" in args.precision):
-            for _ in range(args.warmup + args.steps):
-                sync()
-                start = time.perf_counter()
-                network(inputs)
-                sync()
-                times.append(time.perf_counter() - start)
-        forward_s = statistics.median(times[args.warmup:])
     return {
         "method": method,
         "step_s": step,
-        "forward_s": forward_s,
         "images_per_s": images / step,
         **{part: statistics.median(r[part] for r in timed_steps) for part in PARTS},
         "peak_memory_mib": (torch.cuda.max_memory_allocated() if cuda
@@ -276,6 +268,7 @@ def measure(method: str, args: argparse.Namespace) -> dict[str, Any]:
         "perturbed_per_step": perturbed_calls[0] / (args.warmup + args.steps),
         # the batch sizes of the network's passes with gradient in the last step (a floor runs the method's)
         "grad_passes": list(grad_passes),
+        "eval_passes": list(eval_passes),  # ... and without gradient
         # each timed step's (start, end) in seconds of CLOCK_MONOTONIC, its data wait included
         "windows": [r["window"] for r in timed_steps],
     }
@@ -287,33 +280,24 @@ def median_round(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def floor_key(method: str) -> str | None:
-    """The supervised step a method's floor is built on: its passes in batches and variant, ``"1,1+head"``..."""
+    """The step a method's floor runs: passes in batches, eval forwards, variant: ``"1,1:1+head"``..."""
     if method not in FLOOR:
         return None
+    passes, evals = FLOOR[method]
     variant = FLOOR_VARIANT.get(method)
-    return ",".join(map(str, FLOOR[method][0])) + (f"+{variant}" if variant else "")
+    return ",".join(map(str, passes)) + (f":{evals}" if evals else "") + (f"+{variant}" if variant else "")
 
 
-def parse_floor_key(key: str) -> tuple[list[int], str]:
-    """A `floor_key`'s passes, in batches, and its variant: ``"2,2+fp"`` -> ``([2, 2], "fp")``."""
-    passes, _, variant = key.partition("+")
-    return [int(p) for p in passes.split(",")], variant
+def parse_floor_key(key: str) -> tuple[list[int], int, str]:
+    """A `floor_key`'s passes in batches, eval forwards and variant: ``"2,2:1+fp"`` -> ``([2, 2], 1, "fp")``."""
+    steps, _, variant = key.partition("+")
+    passes, _, evals = steps.partition(":")
+    return [int(p) for p in passes.split(",")], int(evals or 0), variant
 
 
-def floor_seconds(method: str, supervised_step: float, forward: float) -> float:
-    """A method's floor (see FLOOR): its floor's supervised step plus its eval-mode forwards of one batch."""
-    return supervised_step + FLOOR[method][1] * forward
-
-
-def floors(results: list[dict[str, Any]], supervised_at: dict[str, float]) -> dict[str, float]:
-    """Each method's floor step time (see FLOOR) from the floors' supervised steps, by `floor_key`."""
-    forward = next(r["forward_s"] for r in results if r["method"] == "supervised")
-    out = {}
-    for r in results:
-        key = floor_key(r["method"])
-        if key in supervised_at:
-            out[r["method"]] = floor_seconds(r["method"], supervised_at[key], forward)
-    return out
+def floors(results: list[dict[str, Any]], floor_steps: dict[str, float]) -> dict[str, float]:
+    """Each method's floor step time (see FLOOR), from the floors' steps by `floor_key`."""
+    return {r["method"]: floor_steps[floor_key(r["method"])] for r in results if floor_key(r["method"]) in floor_steps}
 
 
 def paired_floors(
@@ -321,15 +305,13 @@ def paired_floors(
 ) -> tuple[dict[str, float], dict[str, float]]:
     """``--paired``: each method's floor (median over rounds) and x floor (median of the rounds' ratios).
 
-    ``rounds[label][i]`` is round i's result of ``label``: a method, or ``"floor of <method>"``, the
-    floor's supervised step measured in lockstep with it; round i's ``supervised`` gives the
-    eval-mode forward that the floors add (and the step of a floor ``"1"`` not measured with its method).
+    ``rounds[label][i]`` is round i's result of ``label``: a method, or ``"floor of <method>"``, its
+    floor's step measured in lockstep with it (supervised is its own floor).
     """
     per_round = []  # each round's floors in seconds
-    for i, base in enumerate(rounds["supervised"]):
+    for i in range(len(rounds["supervised"])):
         per_round.append({
-            m: floor_seconds(m, rounds[f"floor of {m}"][i]["step_s"] if f"floor of {m}" in rounds else base["step_s"],
-                             base["forward_s"])
+            m: rounds[f"floor of {m}" if f"floor of {m}" in rounds else "supervised"][i]["step_s"]
             for m in methods if floor_key(m) is not None
         })
     floor = {m: statistics.median(f[m] for f in per_round) for m in per_round[0]}
@@ -480,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
             results.append(result_of(job[3], returncode, text, text))
         return results
 
-    # Every round measures each method, then the floors it needs (their supervised steps, by floor_key);
+    # Every round measures each method, then the floors it needs (their steps, by floor_key);
     # --paired runs each method in lockstep with its floor instead (even a floor that is plain supervised).
     floor_keys = sorted({floor_key(m) for m in args.method_list} - {None, "1"})
 
@@ -495,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             groups.append([job])
     if not args.paired:
-        groups += [[floor_job(key, f"supervised x{key} batch")] for key in floor_keys]
+        groups += [[floor_job(key, f"floor {key}")] for key in floor_keys]
     rounds: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for round_index in range(args.rounds):
         for group in groups:
@@ -509,24 +491,22 @@ def main(argv: list[str] | None = None) -> int:
     kept = {label: median_round(runs) for label, runs in rounds.items()}
     results = [kept[method] for method in args.method_list]
     floor_runs = {m: rounds.get(f"floor of {m}") or (rounds["supervised"] if floor_key(m) == "1"
-                  else rounds[f"supervised x{floor_key(m)} batch"]) for m in args.method_list if floor_key(m)}
+                  else rounds[f"floor {floor_key(m)}"]) for m in args.method_list if floor_key(m)}
     floor_memory = {m: statistics.median(r["peak_memory_mib"] for r in runs) for m, runs in floor_runs.items()}
     ratio = None
     if args.paired:
         floor, ratio = paired_floors(rounds, args.method_list)
     else:
-        supervised_at = {"1": results[0]["step_s"], **{k: kept[f"supervised x{k} batch"]["step_s"] for k in floor_keys}}
-        floor = floors(results, supervised_at)
+        floor = floors(results, {"1": results[0]["step_s"], **{k: kept[f"floor {k}"]["step_s"] for k in floor_keys}})
     pairing = ("each method in lockstep with its floor, their steps in turn, x floor the median of the rounds' "
                "ratios") if args.paired \
         else "floors measured after all methods"
     print(f"\n{args.device}, precision {args.precision}, batch {args.batch}+{args.batch} (supervised: {args.batch}), "
           f"crop {args.crop}, median of {args.steps} steps (median of {args.rounds} rounds; {pairing}), "
           f"{args.threads} threads; memory: {results[0]['memory_kind']}; "
-          f"floor: supervised step on as many images with gradient, in the method's passes (ReCo, C3-SemiSeg: "
-          f"with its representation or projection head; UniMatch: its first pass also through the feature-perturbed "
-          f"stream) plus eval forwards of one batch "
-          f"({results[0]['forward_s'] * 1e3:.1f} ms each)")
+          f"floor: one step of the method's eval-mode no-gradient forwards of one batch, then the supervised step on "
+          f"as many images with gradient, in the method's passes (ReCo, C3-SemiSeg: with its representation or "
+          f"projection head; UniMatch: its first pass also through the feature-perturbed stream)")
     print(table(results, floor, ratio, floor_memory))
     if args.json:
         from src.utils import atomic_write_json

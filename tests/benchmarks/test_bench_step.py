@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from benchmarks.bench_step import PARTS, floor_key, floors, median_round, paired_floors, table
+from benchmarks.bench_step import FLOOR, PARTS, floor_key, floors, median_round, paired_floors, parse_floor_key, table
 from tests.conftest import REPO, SMOKE
 
 
@@ -43,11 +43,13 @@ def test_c3_parts_are_timed_not_left_in_rest():
     ("unimatch", [16, 16]),  # [labeled; weak] with its feature-perturbed stream, then both strong views
 ])
 def test_floor_step_runs_the_network_as_the_method_does(method, passes):
-    # The floor's supervised step: as many images with gradient, in the same passes, through the
-    # same heads and perturbed streams, with a zero loss on the heads (their losses never run).
+    # The floor's step: as many images with gradient, in the same passes, through the same heads and
+    # perturbed streams, with a zero loss on the heads (their losses never run), and as many
+    # no-gradient forwards of one batch (the teacher's).
     seen = measure_one(method)
     floor = measure_one("supervised", "--floor", floor_key(method), "--batch", str(sum(passes)))
     assert seen["grad_passes"] == floor["grad_passes"] == passes
+    assert seen["eval_passes"] == floor["eval_passes"] == [8] * FLOOR[method][1] == [8]
     assert seen["head_trained"] == floor["head_trained"] == (method in ("reco", "c3semiseg"))
     assert seen["perturbed_per_step"] == floor["perturbed_per_step"] == (method == "unimatch")
     assert floor["contrast"] == 0
@@ -56,6 +58,13 @@ def test_floor_step_runs_the_network_as_the_method_does(method, passes):
 def test_plain_supervised_step_has_no_head_and_no_perturbed_stream():
     plain = measure_one("supervised")
     assert plain["grad_passes"] == [8] and not plain["head_trained"] and plain["perturbed_per_step"] == 0
+    assert plain["eval_passes"] == [] and floor_key("supervised") == floor_key("recon") == "1"
+
+
+def test_floor_keys_name_passes_eval_forwards_and_variant():
+    assert floor_key("reco") == "1,1:1+head" and parse_floor_key("1,1:1+head") == ([1, 1], 1, "head")
+    assert floor_key("unimatch") == "2,2:1+fp" and parse_floor_key("2,1:1") == ([2, 1], 1, "")
+    assert parse_floor_key("1") == ([1], 0, "") and floor_key("unknown") is None
 
 
 def test_table_ratios_to_supervised():
@@ -70,19 +79,11 @@ def test_table_ratios_to_supervised():
     assert "| supervised | 100.0 | 1.0 |" in text
 
 
-def test_floor_is_the_supervised_step_on_as_many_images_plus_the_no_grad_forwards():
-    rows = [
-        {"method": "supervised", "step_s": 0.1, "forward_s": 0.03},
-        {"method": "cutmix", "step_s": 0.3, "forward_s": None},
-        {"method": "unimatch", "step_s": 0.6, "forward_s": None},
-        {"method": "unknown", "step_s": 0.6, "forward_s": None},
-    ]
-    rows.append({"method": "reco", "step_s": 0.4, "forward_s": None})
-    floor = floors(rows, {"1": 0.1, "1,1": 0.18, "1,1+head": 0.2, "2,2+fp": 0.35})
-    # supervised: itself; cutmix: student on 2B plus the teacher's forward on B; UniMatch: 4B, half of
-    # them also through the perturbed stream, + 1;
-    # ReCo: the student with its representation head on 2B, plus the teacher's forward.
-    assert floor == {"supervised": 0.1, "cutmix": 0.18 + 0.03, "unimatch": 0.35 + 0.03, "reco": 0.2 + 0.03}
+def test_each_method_takes_the_step_of_its_floor_key():
+    rows = [{"method": m, "step_s": step} for m, step in
+            (("supervised", 0.1), ("cutmix", 0.3), ("unimatch", 0.6), ("unknown", 0.6), ("reco", 0.4))]
+    floor = floors(rows, {"1": 0.1, "1,1:1": 0.21, "1,1:1+head": 0.23, "2,2:1+fp": 0.38})
+    assert floor == {"supervised": 0.1, "cutmix": 0.21, "unimatch": 0.38, "reco": 0.23}  # no rule, no floor
     text = table([{**r, "images_per_s": 1.0, **dict.fromkeys(PARTS, 0.0), "peak_memory_mib": 1.0} for r in rows], floor)
     assert "| cutmix | 300.0 | 3.0 | 210.0 | 1.43 |" in text
     # Peak memory with and without what a method adds to its floor (ReCo: with and without its loss).
@@ -111,18 +112,18 @@ def test_rounds_keep_each_methods_median_round(tmp_path):
 
 def test_paired_ratio_is_the_median_of_each_rounds_method_over_its_adjacent_floor():
     # Round 2 is a slow spell for the method and its floor alike: paired, it does not move the ratio.
-    def steps(*values, forward=None):
-        return [{"step_s": v, "forward_s": forward} for v in values]
+    def steps(*values):
+        return [{"step_s": v} for v in values]
 
     rounds = {
-        "supervised": steps(0.1, 0.2, 0.1, forward=0.02),
+        "supervised": steps(0.1, 0.2, 0.1),
         "cutmix": steps(0.25, 0.50, 0.30),
-        "floor of cutmix": steps(0.20, 0.40, 0.21),
+        "floor of cutmix": steps(0.22, 0.42, 0.23),
         "unknown": steps(1.0, 1.0, 1.0),
     }
     floor, ratio = paired_floors(rounds, ["supervised", "cutmix", "unknown"])
     assert set(floor) == {"supervised", "cutmix"}  # no floor rule, no ratio
-    assert floor["cutmix"] == pytest.approx(0.23)  # median of 0.20 + 0.02, 0.40 + 0.02, 0.21 + 0.02
+    assert floor["cutmix"] == pytest.approx(0.23)  # median of 0.22, 0.42, 0.23
     # rounds: 0.25 / 0.22 = 1.14, 0.50 / 0.42 = 1.19, 0.30 / 0.23 = 1.30 (unpaired: 0.30 / 0.23 = 1.30)
     assert ratio["cutmix"] == pytest.approx(0.50 / 0.42)
     assert ratio["supervised"] == 1.0
@@ -143,8 +144,7 @@ def test_paired_run_measures_each_method_in_lockstep_with_its_floor(tmp_path):
     assert order == ["supervised", "cutmix", "floor of cutmix"]
     saved = json.loads(out.read_text())
     cutmix = next(r for r in saved["results"] if r["method"] == "cutmix")
-    supervised = saved["results"][0]
-    assert saved["paired"] and cutmix["floor_s"] == saved["rounds"]["floor of cutmix"][0] + supervised["forward_s"]
+    assert saved["paired"] and cutmix["floor_s"] == saved["rounds"]["floor of cutmix"][0]
     assert cutmix["x_floor"] == cutmix["step_s"] / cutmix["floor_s"]
     assert cutmix["floor_peak_memory_mib"] > 0 and "| floor peak MiB |" in done.stdout
     # The two processes took turns: their timed steps alternate, and no two overlap in time.
