@@ -499,8 +499,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         floor = floors(results, {"1": results[0]["step_s"], **{k: kept[f"floor {k}"]["step_s"] for k in floor_keys}})
     pairing = ("each method in lockstep with its floor, their steps in turn, x floor the median of the rounds' "
-               "ratios") if args.paired \
-        else "floors measured after all methods"
+               "ratios" if args.paired else "floors measured after all methods")
     print(f"\n{args.device}, precision {args.precision}, batch {args.batch}+{args.batch} (supervised: {args.batch}), "
           f"crop {args.crop}, median of {args.steps} steps (median of {args.rounds} rounds; {pairing}), "
           f"{args.threads} threads; memory: {results[0]['memory_kind']}; "
@@ -520,7 +519,8 @@ def main(argv: list[str] | None = None) -> int:
             "results": results,
             "paired": args.paired,
             "rounds": {label: [r["step_s"] for r in runs] for label, runs in rounds.items()},
-            "windows": {label: [r["windows"] for r in runs] for label, runs in rounds.items()},  # each timed step's
+            # each round's timed steps as (start, end) on CLOCK_MONOTONIC: in lockstep, the two processes interleave
+            "windows": {label: [r["windows"] for r in runs] for label, runs in rounds.items()},
         })
     return 0
 
