@@ -295,27 +295,38 @@ def parse_floor_key(key: str) -> tuple[list[int], int, str]:
     return [int(p) for p in passes.split(",")], int(evals or 0), variant
 
 
-def floors(results: list[dict[str, Any]], floor_steps: dict[str, float]) -> dict[str, float]:
-    """Each method's floor step time (see FLOOR), from the floors' steps by `floor_key`."""
-    return {r["method"]: floor_steps[floor_key(r["method"])] for r in results if floor_key(r["method"]) in floor_steps}
+def floor_rounds(rounds: dict[str, list[dict[str, Any]]], methods: list[str]) -> dict[str, list[dict[str, Any]]]:
+    """Each method's floor, as its rounds: the floor run in lockstep with it (``"floor of <method>"``),
+    else the floor run by key (``"floor <key>"``; key ``"1"`` is the supervised step itself)."""
+    found = {}
+    for method in methods:
+        key = floor_key(method)
+        if key is None:
+            continue  # no floor rule
+        for label in (f"floor of {method}", "supervised" if key == "1" else f"floor {key}"):
+            if label in rounds:
+                found[method] = rounds[label]
+                break
+    return found
 
 
-def paired_floors(
-    rounds: dict[str, list[dict[str, Any]]], methods: list[str]
+def floors(
+    rounds: dict[str, list[dict[str, Any]]], methods: list[str], paired: bool = False
 ) -> tuple[dict[str, float], dict[str, float]]:
-    """``--paired``: each method's floor (median over rounds) and x floor (median of the rounds' ratios).
+    """Each method's floor step time (its floor's median round) and x floor.
 
-    ``rounds[label][i]`` is round i's result of ``label``: a method, or ``"floor of <method>"``, its
-    floor's step measured in lockstep with it (supervised is its own floor).
+    ``rounds[label][i]`` is round i's result of ``label`` (a method, or a floor, see `floor_rounds`).
+    x floor is the method's median round over its floor's; ``paired`` (each floor measured in
+    lockstep with its method): the median of the rounds' ratios, so a slow spell that hits a round
+    hits both sides of its ratio.
     """
-    per_round = []  # each round's floors in seconds
-    for i in range(len(rounds["supervised"])):
-        per_round.append({
-            m: rounds[f"floor of {m}" if f"floor of {m}" in rounds else "supervised"][i]["step_s"]
-            for m in methods if floor_key(m) is not None
-        })
-    floor = {m: statistics.median(f[m] for f in per_round) for m in per_round[0]}
-    ratio = {m: statistics.median(rounds[m][i]["step_s"] / f[m] for i, f in enumerate(per_round)) for m in floor}
+    floor_runs = floor_rounds(rounds, methods)
+    floor = {m: median_round(runs)["step_s"] for m, runs in floor_runs.items()}
+    if paired:
+        ratio = {m: statistics.median(rounds[m][i]["step_s"] / f["step_s"] for i, f in enumerate(runs))
+                 for m, runs in floor_runs.items()}
+    else:
+        ratio = {m: median_round(rounds[m])["step_s"] / floor[m] for m in floor}
     return floor, ratio
 
 
@@ -490,14 +501,9 @@ def main(argv: list[str] | None = None) -> int:
                       file=sys.stderr, flush=True)
     kept = {label: median_round(runs) for label, runs in rounds.items()}
     results = [kept[method] for method in args.method_list]
-    floor_runs = {m: rounds.get(f"floor of {m}") or (rounds["supervised"] if floor_key(m) == "1"
-                  else rounds[f"floor {floor_key(m)}"]) for m in args.method_list if floor_key(m)}
-    floor_memory = {m: statistics.median(r["peak_memory_mib"] for r in runs) for m, runs in floor_runs.items()}
-    ratio = None
-    if args.paired:
-        floor, ratio = paired_floors(rounds, args.method_list)
-    else:
-        floor = floors(results, {"1": results[0]["step_s"], **{k: kept[f"floor {k}"]["step_s"] for k in floor_keys}})
+    floor, ratio = floors(rounds, args.method_list, paired=args.paired)
+    floor_memory = {m: statistics.median(r["peak_memory_mib"] for r in runs)
+                    for m, runs in floor_rounds(rounds, args.method_list).items()}
     pairing = ("each method in lockstep with its floor, their steps in turn, x floor the median of the rounds' "
                "ratios" if args.paired else "floors measured after all methods")
     print(f"\n{args.device}, precision {args.precision}, batch {args.batch}+{args.batch} (supervised: {args.batch}), "
@@ -513,8 +519,7 @@ def main(argv: list[str] | None = None) -> int:
         for r in results:
             r["floor_s"] = floor.get(r["method"])
             r["floor_peak_memory_mib"] = floor_memory.get(r["method"])
-            r["x_floor"] = ratio.get(r["method"]) if ratio is not None else (
-                r["step_s"] / r["floor_s"] if r["floor_s"] else None)
+            r["x_floor"] = ratio.get(r["method"])
         atomic_write_json(Path(args.json), {
             "results": results,
             "paired": args.paired,

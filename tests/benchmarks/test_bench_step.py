@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from benchmarks.bench_step import FLOOR, PARTS, floor_key, floors, median_round, paired_floors, parse_floor_key, table
+from benchmarks.bench_step import FLOOR, PARTS, floor_key, floor_rounds, floors, median_round, parse_floor_key, table
 from tests.conftest import REPO, SMOKE
 
 
@@ -82,8 +82,17 @@ def test_table_ratios_to_supervised():
 def test_each_method_takes_the_step_of_its_floor_key():
     rows = [{"method": m, "step_s": step} for m, step in
             (("supervised", 0.1), ("cutmix", 0.3), ("unimatch", 0.6), ("unknown", 0.6), ("reco", 0.4))]
-    floor = floors(rows, {"1": 0.1, "1,1:1": 0.21, "1,1:1+head": 0.23, "2,2:1+fp": 0.38})
+    rounds = {r["method"]: [r] for r in rows}
+    rounds.update({f"floor {key}": [{"step_s": step}] for key, step in
+                   (("1,1:1", 0.21), ("1,1:1+head", 0.23), ("2,2:1+fp", 0.38), ("2,1:1", 9.0))})
+    methods = [r["method"] for r in rows]
+    floor, ratio = floors(rounds, methods)
     assert floor == {"supervised": 0.1, "cutmix": 0.21, "unimatch": 0.38, "reco": 0.23}  # no rule, no floor
+    assert ratio == pytest.approx({"supervised": 1.0, "cutmix": 0.3 / 0.21, "unimatch": 0.6 / 0.38, "reco": 0.4 / 0.23})
+    # A floor run in lockstep with its method comes first; recon's floor (key "1") is supervised's step.
+    rounds["floor of reco"] = [{"step_s": 0.25}]
+    assert floor_rounds({**rounds, "recon": [{"step_s": 0.2}]}, ["reco", "recon"]) == {
+        "reco": [{"step_s": 0.25}], "recon": [{"method": "supervised", "step_s": 0.1}]}
     text = table([{**r, "images_per_s": 1.0, **dict.fromkeys(PARTS, 0.0), "peak_memory_mib": 1.0} for r in rows], floor)
     assert "| cutmix | 300.0 | 3.0 | 210.0 | 1.43 |" in text
     # Peak memory with and without what a method adds to its floor (ReCo: with and without its loss).
@@ -121,7 +130,7 @@ def test_paired_ratio_is_the_median_of_each_rounds_method_over_its_adjacent_floo
         "floor of cutmix": steps(0.22, 0.42, 0.23),
         "unknown": steps(1.0, 1.0, 1.0),
     }
-    floor, ratio = paired_floors(rounds, ["supervised", "cutmix", "unknown"])
+    floor, ratio = floors(rounds, ["supervised", "cutmix", "unknown"], paired=True)
     assert set(floor) == {"supervised", "cutmix"}  # no floor rule, no ratio
     assert floor["cutmix"] == pytest.approx(0.23)  # median of 0.22, 0.42, 0.23
     # rounds: 0.25 / 0.22 = 1.14, 0.50 / 0.42 = 1.19, 0.30 / 0.23 = 1.30 (unpaired: 0.30 / 0.23 = 1.30)
