@@ -23,3 +23,13 @@ def test_method_config_instantiates(name, tmp_path):
     cli = main(["--config", config(name), "--config", SMOKE, "--trainer.default_root_dir", str(tmp_path)], run=False)
     assert type(cli.model).name == name
     assert cli.model.num_classes == cli.datamodule.num_classes
+
+
+def test_bench_paper_overlay_builds_the_paper_network(tmp_path):
+    """benchmarks/configs/paper_synthetic.yaml (bench_step's GPU check) applies over a method's YAML."""
+    overlay = str(REPO / "benchmarks" / "configs" / "paper_synthetic.yaml")
+    cli = main(["--config", config("reco"), "--config", overlay, "--trainer.default_root_dir", str(tmp_path)],
+               run=False)
+    assert type(cli.model.student.model).__name__ == "DeepLabV3Plus"
+    assert cli.model.hparams.encoder_name == "resnet101"
+    assert cli.datamodule.hparams.dataset_options["image_size"] == 400
