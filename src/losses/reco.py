@@ -169,17 +169,16 @@ class _ChunkedInfoNCE(torch.autograd.Function):
             for start in range(0, queries.shape[0], chunk_rows):
                 rows = slice(start, start + chunk_rows)
                 index = key_index[rows]  # (c, Q, K)
-                if dense and sampled:
-                    # Row i of the pattern holds query i's K key columns: one dot product per sampled key.
-                    pattern = _rows_of_columns(index, pool.new_zeros(index.numel()), pool.shape[0])
-                    negative = torch.sparse.sampled_addmm(
-                        pattern, queries[rows].reshape(-1, pool.shape[1]), pool.T, beta=0.0
-                    ).values().view(index.shape)  # (c, Q, K), in the order of `index`
-                    positive = torch.einsum("cqd,cd->cq", queries[rows], positives[rows])[..., None]
-                    logits = torch.cat([positive, negative], dim=-1) / temperature
-                elif dense:
-                    cosines = queries[rows] @ pool.T  # (c, Q, M): every query against every key
-                    negative = torch.gather(cosines, 2, index)  # (c, Q, K)
+                if dense:
+                    if sampled:
+                        # Row i of the pattern holds query i's K key columns: one dot product per sampled key.
+                        pattern = _rows_of_columns(index, pool.new_zeros(index.numel()), pool.shape[0])
+                        negative = torch.sparse.sampled_addmm(
+                            pattern, queries[rows].reshape(-1, pool.shape[1]), pool.T, beta=0.0
+                        ).values().view(index.shape)  # (c, Q, K), in the order of `index`
+                    else:
+                        cosines = queries[rows] @ pool.T  # (c, Q, M): every query against every key
+                        negative = torch.gather(cosines, 2, index)  # (c, Q, K)
                     positive = torch.einsum("cqd,cd->cq", queries[rows], positives[rows])[..., None]
                     logits = torch.cat([positive, negative], dim=-1) / temperature
                 else:
@@ -190,7 +189,7 @@ class _ChunkedInfoNCE(torch.autograd.Function):
                 losses[rows] = log_norm - logits[..., 0]
                 if grad is not None:
                     weights = torch.exp(logits - log_norm[..., None])  # softmax, (c, Q, 1 + K)
-                    if dense and sampled:
+                    if sampled:
                         # sum_k w_k key_k: the pattern's rows weighted by w, times the pool (duplicates add up)
                         spread = _rows_of_columns(index, weights[..., 1:].reshape(-1), pool.shape[0])
                         expected = (spread @ pool).view(queries[rows].shape)
