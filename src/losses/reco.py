@@ -109,23 +109,6 @@ def uniform_sampler(
     return query_positions, negative_classes, negative_positions
 
 
-def infonce_logits(queries: Tensor, positives: Tensor, keys: Tensor, temperature: float) -> Tensor:
-    """ReCo's logits ``[cos(q, mu_c), cos(q, k_1), ..., cos(q, k_K)] / temperature``.
-
-    Args:
-        queries: (c, Q, D) unit query features.
-        positives: (c, D) unit prototypes of the query classes.
-        keys: (c, Q, K, D) unit negative keys.
-        temperature: tau.
-
-    Returns:
-        (c, Q, 1 + K) logits; index 0 is the positive.
-    """
-    positive = torch.einsum("cqd,cd->cq", queries, positives)[..., None]  # (c, Q, 1)
-    negative = torch.einsum("cqd,cqkd->cqk", queries, keys)  # (c, Q, K)
-    return torch.cat([positive, negative], dim=-1) / temperature
-
-
 class _ChunkedInfoNCE(torch.autograd.Function):
     """Per-query InfoNCE losses (target 0), computed one chunk of classes at a time.
 
@@ -139,9 +122,10 @@ class _ChunkedInfoNCE(torch.autograd.Function):
     every pool pixel: then a (c, Q, M) cosine matrix is computed by one matmul and the K
     logits are gathered from it (and the gradient scattered back), with the same result. On CPU
     the dense path computes only the sampled entries of that matrix, as sparse products over the
-    pool (``torch.sparse.sampled_addmm`` for the logits, a CSR matrix of the softmax weights times
-    the pool for the gradient): the full (c, Q, M) product is bound by writing its M columns when
-    D is small, and the sampled one took half its time on a 2-core CPU at the default profile's
+    pool: ``torch.sparse.sampled_addmm`` for the logits and, for the gradient, each query's K
+    pool rows summed with their softmax weights (``F.embedding_bag``, half the time of a sparse
+    matrix product on a 2-core CPU). The full (c, Q, M) product is bound by writing its M columns
+    when D is small; the sampled one took half its time on a 2-core CPU at the default profile's
     sizes. On GPU the full matmul stays (cheap there; the sparse kernels were not measured).
     """
 
@@ -169,37 +153,39 @@ class _ChunkedInfoNCE(torch.autograd.Function):
             for start in range(0, queries.shape[0], chunk_rows):
                 rows = slice(start, start + chunk_rows)
                 index = key_index[rows]  # (c, Q, K)
-                if dense:
-                    if sampled:
-                        # Row i of the pattern holds query i's K key columns: one dot product per sampled key.
-                        pattern = _rows_of_columns(index, pool.new_zeros(index.numel()), pool.shape[0])
-                        negative = torch.sparse.sampled_addmm(
-                            pattern, queries[rows].reshape(-1, pool.shape[1]), pool.T, beta=0.0
-                        ).values().view(index.shape)  # (c, Q, K), in the order of `index`
-                    else:
-                        cosines = queries[rows] @ pool.T  # (c, Q, M): every query against every key
-                        negative = torch.gather(cosines, 2, index)  # (c, Q, K)
-                    positive = torch.einsum("cqd,cd->cq", queries[rows], positives[rows])[..., None]
-                    logits = torch.cat([positive, negative], dim=-1) / temperature
+                positive = torch.einsum("cqd,cd->cq", queries[rows], positives[rows]) / temperature  # (c, Q)
+                if sampled:
+                    # Row i of the pattern holds query i's K key columns: one dot product per sampled key.
+                    pattern = _sampling_pattern(index, pool.shape[0], pool.dtype)
+                    negative = torch.sparse.sampled_addmm(
+                        pattern, queries[rows].reshape(-1, pool.shape[1]), pool.T, beta=0.0
+                    ).values().view(index.shape)  # (c, Q, K), in the order of `index`
+                elif dense:
+                    cosines = queries[rows] @ pool.T  # (c, Q, M): every query against every key
+                    negative = torch.gather(cosines, 2, index)  # (c, Q, K)
                 else:
                     keys = torch.index_select(pool, 0, index.reshape(-1), out=buffer[: index.numel()])
                     keys = keys.view(*index.shape, pool.shape[1])  # (c, Q, K, D), the memory peak
-                    logits = infonce_logits(queries[rows], positives[rows], keys, temperature)
-                log_norm = torch.logsumexp(logits, dim=-1)  # (c, Q)
-                losses[rows] = log_norm - logits[..., 0]
+                    negative = torch.einsum("cqd,cqkd->cqk", queries[rows], keys)
+                # The logits are [positive, negative] (the positive is the target); kept apart, no copies.
+                negative = negative.div_(temperature)
+                log_norm = torch.logaddexp(positive, torch.logsumexp(negative, dim=-1))  # (c, Q)
+                losses[rows] = log_norm - positive
                 if grad is not None:
-                    weights = torch.exp(logits - log_norm[..., None])  # softmax, (c, Q, 1 + K)
+                    weights = negative.sub_(log_norm[..., None]).exp_()  # softmax over the keys, (c, Q, K)
                     if sampled:
-                        # sum_k w_k key_k: the pattern's rows weighted by w, times the pool (duplicates add up)
-                        spread = _rows_of_columns(index, weights[..., 1:].reshape(-1), pool.shape[0])
-                        expected = (spread @ pool).view(queries[rows].shape)
+                        # sum_k w_k key_k: each query's K pool rows, weighted and summed (a bag of K rows)
+                        bags = index.reshape(-1, index.shape[-1])
+                        expected = F.embedding_bag(bags, pool, per_sample_weights=weights.view_as(bags), mode="sum")
+                        expected = expected.view(queries[rows].shape)
                     elif dense:
                         # sum_k w_k key_k = (w scattered onto the pool's M columns) @ pool
-                        spread = torch.zeros_like(cosines).scatter_add_(2, index, weights[..., 1:])
+                        spread = torch.zeros_like(cosines).scatter_add_(2, index, weights)
                         expected = spread @ pool
                     else:
-                        expected = torch.einsum("cqk,cqkd->cqd", weights[..., 1:], keys)
-                    expected += (weights[..., :1] - 1.0) * positives[rows, None, :]
+                        expected = torch.einsum("cqk,cqkd->cqd", weights, keys)
+                    weight_positive = torch.exp(positive - log_norm)  # (c, Q)
+                    expected += (weight_positive - 1.0)[..., None] * positives[rows, None, :]
                     grad[rows] = expected / temperature
         if grad is not None:
             ctx.save_for_backward(grad)
@@ -212,14 +198,14 @@ class _ChunkedInfoNCE(torch.autograd.Function):
         return grad * grad_losses[..., None], None, None, None, None, None, None, None
 
 
-def _rows_of_columns(index: Tensor, values: Tensor, num_columns: int) -> Tensor:
-    """A CSR matrix with one row per query of ``index`` (c, Q, K): its K pool columns, in order."""
+def _sampling_pattern(index: Tensor, num_columns: int, dtype: torch.dtype) -> Tensor:
+    """A CSR matrix (zeros) with one row per query of ``index`` (c, Q, K): its K pool columns, in order."""
     flat = index.reshape(-1)
     crow = torch.arange(0, flat.numel() + 1, index.shape[-1], device=flat.device)
-    with warnings.catch_warnings():  # "sparse CSR support is in beta": the ops used here are exact
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": sampled_addmm is exact
         warnings.simplefilter("ignore", UserWarning)
-        return torch.sparse_csr_tensor(crow, flat, values, size=(flat.numel() // index.shape[-1], num_columns),
-                                       check_invariants=False)
+        return torch.sparse_csr_tensor(crow, flat, torch.zeros(flat.numel(), dtype=dtype, device=flat.device),
+                                       size=(flat.numel() // index.shape[-1], num_columns), check_invariants=False)
 
 
 def reco_loss(
@@ -314,7 +300,9 @@ def reco_loss(
             hard_counts[rows], counts, graph[rows], num_queries, num_negatives, generator
         )
         query_pixels = hard_order[hard_offsets[rows, None] + query_positions]  # (q, Q) raster indices
-        key_index = offsets[negative_classes] + negative_positions  # (q, Q, K) rows of `pool`
+        # (q, Q, K) rows of `pool`
+        key_index = offsets.index_select(0, negative_classes.reshape(-1)).view_as(negative_positions)
+        key_index += negative_positions
 
     # (q, Q) raster indices -> (q, Q, D) features, with gradient
     queries = rep.flatten(2)[query_pixels // (height * width), :, query_pixels % (height * width)]

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from benchmarks.reco_loss_reference import reco_loss_loop
 from src.losses import downsample_nearest, reco_loss
-from src.losses.reco import _ChunkedInfoNCE, infonce_logits, uniform_sampler
+from src.losses.reco import _ChunkedInfoNCE, uniform_sampler
 
 THRESHOLD = 0.97
 
@@ -225,16 +225,9 @@ def test_invalid_pixels_never_contribute():
     assert loss3 == loss
 
 
-# ------------------------------------------------------------------ (f) logits
-def test_logits_are_cosines_over_temperature_with_one_plus_k_columns():
-    gen = torch.Generator().manual_seed(0)
-    q, Q, K, D = 3, 4, 5, 6
-    queries, positives, keys = (torch.randn(*s, generator=gen) for s in [(q, Q, D), (q, D), (q, Q, K, D)])
-    unit = lambda x: F.normalize(x, dim=-1)  # noqa: E731
-    logits = infonce_logits(unit(queries), unit(positives), unit(keys), 0.25)
-    assert logits.shape == (q, Q, 1 + K)
-    torch.testing.assert_close(logits[..., 0], F.cosine_similarity(queries, positives[:, None], dim=-1) / 0.25)
-    torch.testing.assert_close(logits[..., 1:], F.cosine_similarity(queries[:, :, None], keys, dim=-1) / 0.25)
+# ------------------------------------------------------------------ (f) sampled shapes
+def test_one_row_of_queries_per_class_with_hard_pixels_and_k_keys_each():
+    Q, K = 4, 5
     recorder = Recorder()
     rep, labels, valid, probs = make_inputs(0)
     reco_loss(rep, labels, valid, probs, num_queries=Q, num_negatives=K, sampler=recorder)
