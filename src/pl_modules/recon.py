@@ -122,6 +122,13 @@ def gaussian_window(size: int, sigma: float = 1.5) -> Tensor:
     return window / window.sum()
 
 
+def _band(size: int, window: Tensor) -> Tensor:
+    """(size - k + 1, size) matrix whose row i holds ``window`` at columns i..i+k-1: a valid 1-D correlation."""
+    rows, taps = size - window.numel() + 1, window.numel()
+    columns = torch.arange(rows, device=window.device)[:, None] + torch.arange(taps, device=window.device)
+    return window.new_zeros(rows, size).scatter_(1, columns, window.expand(rows, taps))
+
+
 def fitting_scales(height: int, width: int, window_size: int = 11, max_scales: int = 5) -> int:
     """Most MS-SSIM scales (at most ``max_scales``) an image of this size allows.
 
@@ -148,21 +155,23 @@ def ms_ssim(x: Tensor, y: Tensor, scales: int = 5, window_size: int = 11, data_r
             f"images of {tuple(x.shape[-2:])} are too small for {scales} MS-SSIM scales with a {window_size}-tap "
             f"window (the smaller side must exceed {(window_size - 1) * 2 ** (scales - 1)})"
         )
-    channels = x.shape[1]
     window = gaussian_window(window_size).to(x)
-    window_h = window.view(1, 1, -1, 1).repeat(channels, 1, 1, 1)  # (C, 1, k, 1): one filter per channel
-    window_w = window.view(1, 1, 1, -1).repeat(channels, 1, 1, 1)
+    channels = x.shape[1]
 
-    def blur(t: Tensor) -> Tensor:
-        return F.conv2d(F.conv2d(t, window_h, groups=channels), window_w, groups=channels)
+    def blur(*ts: Tensor) -> tuple[Tensor, ...]:
+        # The valid (unpadded) separable Gaussian blur as two banded matmuls, all five maps of a
+        # scale at once: on CPU several times faster than depthwise convolutions of these sizes.
+        stacked = torch.cat(ts, dim=1)
+        blurred = _band(stacked.shape[-2], window) @ stacked @ _band(stacked.shape[-1], window).T
+        return blurred.split(channels, dim=1)
 
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
     weights = torch.tensor(MS_SSIM_WEIGHTS[:scales], dtype=x.dtype, device=x.device)
     weights = weights / weights.sum()
     terms = []
     for scale in range(scales):
-        mu_x, mu_y = blur(x), blur(y)
-        var_x, var_y, cov = blur(x * x) - mu_x**2, blur(y * y) - mu_y**2, blur(x * y) - mu_x * mu_y
+        mu_x, mu_y, xx, yy, xy = blur(x, y, x * x, y * y, x * y)
+        var_x, var_y, cov = xx - mu_x**2, yy - mu_y**2, xy - mu_x * mu_y
         cs_map = (2 * cov + c2) / (var_x + var_y + c2)
         if scale < scales - 1:
             terms.append(cs_map.flatten(2).mean(-1))  # (B, C)
