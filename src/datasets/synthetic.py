@@ -363,6 +363,10 @@ class SyntheticDataset(SegmentationDataset):
     def load_mask(self, index: int) -> np.ndarray:
         return self._scene(index)[1].copy()
 
+    def has_mask(self, index: int) -> bool:
+        self._rng(index)  # the range check
+        return True  # every scene is labeled; painting it to find out cost the split 40 ms an image at 400 px
+
     def class_sets(self) -> list[set[int]]:
         """Classes of every sample, from the scene layouts alone (about 10x cheaper than painting)."""
         sets = []

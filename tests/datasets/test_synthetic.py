@@ -7,6 +7,7 @@ import pytest
 
 from src.datasets import DATASETS, DatasetError
 from src.datasets.base import SegmentationDataset
+from src.datasets.splits import select_labeled
 from src.datasets.synthetic import CLASSES, SyntheticDataset, generate_scene
 
 SIZE = 64  # smaller than the default 96 to keep the suite fast; shapes scale with the size
@@ -82,6 +83,17 @@ def test_a_class_has_no_fixed_colour() -> None:
 def test_class_sets_match_the_masks() -> None:
     dataset = small(count=20)
     assert dataset.class_sets() == SegmentationDataset.class_sets(dataset)
+
+
+def test_splitting_by_label_budget_paints_no_scene() -> None:
+    """Every scene is labeled; the split (and its class-balanced rule) must not paint them to find out."""
+    dataset = small(count=20)
+    labeled, unlabeled = select_labeled(dataset, 5, strategy="balanced")
+    assert len(labeled) == 5 and len(unlabeled) == 15
+    assert dataset._cache == {}
+    assert all(dataset.has_mask(i) == (dataset.load_mask(i) is not None) for i in range(3))
+    with pytest.raises(IndexError):
+        dataset.has_mask(20)
 
 
 def test_bad_arguments_raise() -> None:
