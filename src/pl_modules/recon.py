@@ -146,7 +146,8 @@ def ms_ssim(x: Tensor, y: Tensor, scales: int = 5, window_size: int = 11, data_r
     Gaussian window (sigma 1.5) without padding, K = (0.01, 0.03), 2x2 average pooling between
     scales; the contrast-structure terms of the first ``scales - 1`` scales and the SSIM of the
     last are raised to the MS-SSIM weights and multiplied. With fewer than 5 scales the first
-    weights are used, renormalised to sum 1 (then 1 scale is plain SSIM).
+    weights are used, renormalised to sum 1 (then 1 scale is plain SSIM). Computed in fp32 even
+    under autocast: the variances are differences of blurred squares, which bf16 would cancel.
     """
     if not 1 <= scales <= len(MS_SSIM_WEIGHTS):
         raise ValueError(f"scales must be in [1, {len(MS_SSIM_WEIGHTS)}], got {scales}")
@@ -155,6 +156,8 @@ def ms_ssim(x: Tensor, y: Tensor, scales: int = 5, window_size: int = 11, data_r
             f"images of {tuple(x.shape[-2:])} are too small for {scales} MS-SSIM scales with a {window_size}-tap "
             f"window (the smaller side must exceed {(window_size - 1) * 2 ** (scales - 1)})"
         )
+    dtype = torch.promote_types(torch.promote_types(x.dtype, y.dtype), torch.float32)  # fp32 or fp64
+    x, y = x.to(dtype), y.to(dtype)
     window = gaussian_window(window_size).to(x)
     channels = x.shape[1]
 
@@ -162,7 +165,8 @@ def ms_ssim(x: Tensor, y: Tensor, scales: int = 5, window_size: int = 11, data_r
         # The valid (unpadded) separable Gaussian blur as two banded matmuls, all five maps of a
         # scale at once: on CPU several times faster than depthwise convolutions of these sizes.
         stacked = torch.cat(ts, dim=1)
-        blurred = _band(stacked.shape[-2], window) @ stacked @ _band(stacked.shape[-1], window).T
+        with torch.autocast(stacked.device.type, enabled=False):
+            blurred = _band(stacked.shape[-2], window) @ stacked @ _band(stacked.shape[-1], window).T
         return blurred.split(channels, dim=1)
 
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2

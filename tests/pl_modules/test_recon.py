@@ -117,6 +117,17 @@ def test_ms_ssim_matches_a_reference_and_is_one_for_equal_images():
         ms_ssim(x[..., :64, :64], y[..., :64, :64], 4)
 
 
+def test_ms_ssim_stays_fp32_under_autocast():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 48, 48, generator=g)
+    y = (x + 0.1 * torch.randn(x.shape, generator=g)).requires_grad_()
+    exact = ms_ssim(x, y, 2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = ms_ssim(x, y, 2)
+    assert mixed.dtype == torch.float32
+    assert mixed.item() == pytest.approx(exact.item(), abs=1e-6)
+
+
 def test_loss_is_zero_for_a_perfect_reconstruction_and_uses_the_normalised_target():
     module = Recon(**tiny_kwargs())
     images = torch.rand(2, 3, 32, 32)
