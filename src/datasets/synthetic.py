@@ -342,9 +342,12 @@ class SyntheticDataset(SegmentationDataset):
         self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._cache_bytes = 0
 
-    def _rng(self, index: int) -> np.random.Generator:
+    def _check_index(self, index: int) -> None:
         if not 0 <= index < len(self.ids):
             raise IndexError(f"{self.name}/{self.split} has {len(self.ids)} samples; index {index} is out of range")
+
+    def _rng(self, index: int) -> np.random.Generator:
+        self._check_index(index)
         return np.random.default_rng([self.seed, SPLITS[self.split], index])
 
     def _scene(self, index: int) -> tuple[np.ndarray, np.ndarray]:
@@ -364,7 +367,7 @@ class SyntheticDataset(SegmentationDataset):
         return self._scene(index)[1].copy()
 
     def has_mask(self, index: int) -> bool:
-        self._rng(index)  # the range check
+        self._check_index(index)
         return True  # every scene is labeled; painting it to find out cost the split 40 ms an image at 400 px
 
     def class_sets(self) -> list[set[int]]:
