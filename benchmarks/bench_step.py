@@ -188,7 +188,7 @@ def measure(method: str, args: argparse.Namespace) -> dict[str, Any]:
                 "--trainer.logger", "false",
                 *STEADY_STATE.get(method, []),
                 *(["--model.init_args.reco_weight", "1"] if variant == "head" else []),  # builds its head
-                *(["--model.init_args.channels_last", "true"] if args.channels_last else []),
+                "--model.init_args.channels_last", str(args.channels_last).lower(),
                 *(["--model.init_args.compile", "true"] if args.compile else []),
             ],
             run=False,
@@ -373,7 +373,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--methods", default="all", help="comma list of methods, or all")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--precision", default="32-true", help="e.g. bf16-mixed on a GPU")
-    parser.add_argument("--channels-last", action="store_true", help="networks and inputs in channels-last format")
+    parser.add_argument(
+        "--channels-last", action=argparse.BooleanOptionalAction, default=True,
+        help="networks and inputs in channels-last format (the default, as in src.train)",
+    )
     parser.add_argument("--compile", action="store_true", help="torch.compile the networks (raise --warmup)")
     parser.add_argument("--batch", type=int, default=8, help="labeled (and unlabeled) images per step")
     parser.add_argument("--crop", type=int, default=64)

@@ -62,6 +62,15 @@ class MethodTester:
         for key, value in losses.items():
             assert value.ndim == 0 and torch.isfinite(value), key
 
+    def test_channels_last_reaches_every_convolution(self):
+        # The default format: every network and head the method builds, its teacher's included
+        # (1x1 kernels have one layout in both formats; their outputs follow their inputs').
+        module = self.make()
+        convs = [(name, m) for name, m in module.named_modules() if isinstance(m, torch.nn.Conv2d)]
+        assert any(conv.kernel_size != (1, 1) for _, conv in convs)
+        for name, conv in convs:
+            assert conv.weight.is_contiguous(memory_format=torch.channels_last), name
+
     def test_same_step_with_the_plain_reference_ops(self, monkeypatch):
         # The vectorised ops (no loops, no host syncs, the dense ReCo matmul) change no loss and
         # no gradient: the same step on the same seed with plain per-image / per-anchor versions.

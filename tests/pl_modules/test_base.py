@@ -57,9 +57,11 @@ def _fast_path_module(**kwargs):
 def test_channels_last_gives_the_same_step():
     from tests.pl_modules.method_tester import make_batch
 
-    plain, fast = _fast_path_module(), _fast_path_module(channels_last=True)
+    plain, fast = _fast_path_module(channels_last=False), _fast_path_module(channels_last=True)
     conv = next(m for m in fast.student.modules() if isinstance(m, torch.nn.Conv2d))
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    plain_conv = next(m for m in plain.student.modules() if isinstance(m, torch.nn.Conv2d))
+    assert not plain_conv.weight.is_contiguous(memory_format=torch.channels_last)
     batch = fast.on_after_batch_transfer(make_batch(2), 0)
     assert batch["unlabeled"]["image"].is_contiguous(memory_format=torch.channels_last)
     losses = []
