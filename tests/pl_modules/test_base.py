@@ -54,7 +54,8 @@ def _fast_path_module(**kwargs):
     return CutMix(**options, **kwargs)
 
 
-def test_channels_last_gives_the_same_step():
+def test_channels_last_formats_networks_and_batch():
+    # The same step in both formats: MethodTester.test_channels_last_gives_the_same_step, per method.
     from tests.pl_modules.method_tester import make_batch
 
     plain, fast = _fast_path_module(channels_last=False), _fast_path_module(channels_last=True)
@@ -62,14 +63,10 @@ def test_channels_last_gives_the_same_step():
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
     plain_conv = next(m for m in plain.student.modules() if isinstance(m, torch.nn.Conv2d))
     assert not plain_conv.weight.is_contiguous(memory_format=torch.channels_last)
-    batch = fast.on_after_batch_transfer(make_batch(2), 0)
-    assert batch["unlabeled"]["image"].is_contiguous(memory_format=torch.channels_last)
-    losses = []
-    for module in (plain, fast):
-        torch.manual_seed(1)
-        losses.append(module.compute_losses(batch))
-    for key in losses[0]:
-        torch.testing.assert_close(losses[0][key], losses[1][key], rtol=1e-4, atol=1e-5, msg=key)
+    assert fast.on_after_batch_transfer(make_batch(2), 0)["unlabeled"]["image"].is_contiguous(
+        memory_format=torch.channels_last
+    )
+    assert plain.on_after_batch_transfer(make_batch(2), 0)["unlabeled"]["image"].is_contiguous()
 
 
 def test_compile_keeps_parameter_names_and_outputs():
