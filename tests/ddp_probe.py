@@ -1,10 +1,13 @@
-"""A callback for the DDP test: each rank writes a digest of its teacher weights and its metrics."""
+"""A callback for the DDP test: each rank writes a digest of its teacher weights and its metrics,
+and at exit whether its process group was still up (it must not be: see `src.train.cli_entry`)."""
 
+import atexit
 import hashlib
 import json
 from pathlib import Path
 
 import pytorch_lightning as pl
+import torch
 
 
 class TeacherDigest(pl.Callback):
@@ -30,3 +33,8 @@ class TeacherDigest(pl.Callback):
         }
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
+        atexit.register(self.write_exit_state, trainer.global_rank)
+
+    def write_exit_state(self, rank: int) -> None:
+        alive = torch.distributed.is_initialized()
+        (self.out_dir / f"rank{rank}_exit.json").write_text(json.dumps({"process_group_alive": alive}))

@@ -24,6 +24,9 @@ def test_ddp_two_processes_reco(tmp_path):
     # val/miou is computed from confusion matrices summed over both ranks: one value, the same everywhere.
     assert ranks[0]["val_miou"] == ranks[1]["val_miou"]
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+    # Each rank's process group is destroyed before the interpreter shuts down.
+    for r in (0, 1):
+        assert json.loads((tmp_path / "probe" / f"rank{r}_exit.json").read_text()) == {"process_group_alive": False}
     # Each rank draws its own labeled and unlabeled order.
     assert ranks[0]["first_batch"]["unlabeled"] != ranks[1]["first_batch"]["unlabeled"]
     assert set(ranks[0]["first_batch"]) == {"labeled", "unlabeled"}
