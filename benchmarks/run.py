@@ -290,6 +290,15 @@ def _train_and_test(train_args: list[str]) -> int:
     The test runs in the same process (a second Python + torch start costs seconds) and is
     skipped when the test split is the validation split (VOC, Cityscapes).
     """
+    from src.train import release_process_group
+
+    code = _fit_and_test(train_args)
+    if code == 0:
+        release_process_group()
+    return code
+
+
+def _fit_and_test(train_args: list[str]) -> int:
     from jsonargparse import ArgumentError
 
     from src.datasets import DatasetError

@@ -163,12 +163,19 @@ def cli_entry(args: list[str] | None = None) -> int:
             raise
         print(f"error: {one_line(str(exc))}", file=sys.stderr)
         return 2
-    # Lightning leaves a DDP process group up. Left to the interpreter's shutdown, gloo's threads
-    # can still hold tensors then, and a finished run sometimes aborts ("terminate called without
-    # an active exception"). Only after success: ranks that failed mid-collective could hang here.
+    release_process_group()
+    return 0
+
+
+def release_process_group() -> None:
+    """Destroy the DDP process group Lightning leaves up; call it after a successful run only.
+
+    Left to the interpreter's shutdown, gloo's threads can still hold tensors, and a finished run
+    sometimes aborts ("terminate called without an active exception"). After a failure, ranks
+    stuck in a collective could hang here instead.
+    """
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
-    return 0
 
 
 if __name__ == "__main__":

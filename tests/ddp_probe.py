@@ -1,5 +1,5 @@
 """A callback for the DDP test: each rank writes a digest of its teacher weights and its metrics,
-and at exit whether its process group was still up (it must not be: see `src.train.cli_entry`)."""
+and at exit whether its process group was still up (it must not be: see `src.train.release_process_group`)."""
 
 import atexit
 import hashlib

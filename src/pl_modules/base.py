@@ -78,7 +78,7 @@ class SemiSupervisedModule(pl.LightningModule, ABC):
         init_from: Checkpoint (any method's, or a reconstruction pretraining run's) whose matching
             parameters initialise the student; the others are listed in one warning.
         channels_last: Keep the networks and the input images in channels-last memory format: faster
-            convolutions on CPUs (oneDNN) and on GPUs with tensor cores. ``False`` trains the same
+            convolutions on CPUs (oneDNN) and on GPUs with tensor cores. ``False`` takes the same steps
             up to float rounding, except that an elementwise dropout mask is drawn in memory order,
             so a seed draws another (equally random) mask in each format.
         compile: ``torch.compile`` the networks' encoder, decoder and head in place (parameter
