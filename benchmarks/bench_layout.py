@@ -3,8 +3,8 @@
     python benchmarks/bench_layout.py                          # every method, CPU, the YAMLs' networks
     python benchmarks/bench_layout.py --methods reco,unimatch --steps 20 --threads 2
 
-Each method is built twice from the model options of ``configs/<method>.yaml`` (same seed, so the
-same weights), once per format (``model.channels_last``, on by default). The two copies alternate,
+Each method is built twice from ``configs/<method>.yaml`` through the path of ``src.train`` (same
+seed, so the same weights), once per format (``model.channels_last``, on by default). The two copies alternate,
 step by step, on one fixed batch of ``--batch`` labeled and ``--batch`` unlabeled random images of
 ``--crop`` pixels: the method's losses (teacher, mixing, heads) and their backward. Alternating
 makes both share every slow spell of a shared machine; the ratio is of the two medians. Data
@@ -16,25 +16,33 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
-import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # `python benchmarks/bench_layout.py` puts only benchmarks/ on the path
     sys.path.insert(0, str(REPO))
 
 from src.pl_modules import METHODS, get_method  # noqa: E402
+from src.train import main as main_cli  # noqa: E402
 
 
 def build(method: str, channels_last: bool) -> torch.nn.Module:
-    config = yaml.safe_load((REPO / "configs" / f"{method}.yaml").read_text())
-    options = dict(config["model"].get("init_args") or {})
-    options.pop("optimizer", None)  # no update is timed
-    torch.manual_seed(0)
-    return get_method(method)(**options, channels_last=channels_last)
+    """The method's module as `src.train` builds it from its YAML (the YAML's seed: same weights)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cli = main_cli(
+            [  # run=False: no subcommand; the CLI only builds the model and the datamodule
+                "--config", str(REPO / "configs" / f"{method}.yaml"),
+                "--trainer.default_root_dir", tmp,
+                "--trainer.logger", "false",
+                "--model.init_args.channels_last", str(channels_last).lower(),
+            ],
+            run=False,
+        )
+    return cli.model
 
 
 def make_batch(batch: int, crop: int, num_classes: int) -> dict[str, dict[str, torch.Tensor]]:

@@ -45,6 +45,15 @@ def make_batch(seed: int = 0, partial: bool = False) -> dict:
     return batch
 
 
+def losses_and_grads(module: SemiSupervisedModule, batch: dict) -> tuple[dict, list]:
+    """One step's losses (detached) and the student's gradients, the step's draws seeded."""
+    torch.manual_seed(1)
+    losses = module.compute_losses(batch)
+    losses["loss"].backward()
+    grads = [p.grad for p in module.student.parameters() if p.grad is not None]
+    return {k: v.detach() for k, v in losses.items()}, grads
+
+
 class MethodTester:
     method_cls: type[SemiSupervisedModule]
     init_kwargs: dict = {}
@@ -78,12 +87,7 @@ class MethodTester:
         results = []
         for channels_last in (False, True):
             module = self.make(**self.permissive_kwargs, model_options=options, channels_last=channels_last)
-            batch = module.on_after_batch_transfer(make_batch(3), 0)
-            torch.manual_seed(1)
-            losses = module.compute_losses(batch)
-            losses["loss"].backward()
-            grads = [p.grad for p in module.student.parameters() if p.grad is not None]
-            results.append(({k: v.detach() for k, v in losses.items()}, grads))
+            results.append(losses_and_grads(module, module.on_after_batch_transfer(make_batch(3), 0)))
         (plain, plain_grads), (last, last_grads) = results
         assert plain.keys() == last.keys()
         for key in plain:
@@ -100,12 +104,7 @@ class MethodTester:
         batch = make_batch(3)
 
         def step():
-            module = self.make(**self.permissive_kwargs)
-            torch.manual_seed(1)
-            losses = module.compute_losses(batch)
-            losses["loss"].backward()
-            grads = [p.grad for p in module.student.parameters() if p.grad is not None]
-            return {k: v.detach() for k, v in losses.items()}, grads
+            return losses_and_grads(self.make(**self.permissive_kwargs), batch)
 
         fast, fast_grads = step()
         calls = use_plain_ops(monkeypatch)
