@@ -50,6 +50,27 @@ TEXTURES = tuple(CLASS_TEXTURE.values())
 DISTRACTOR_TEXTURES = ("plain", "waves")
 
 
+class Variant(NamedTuple):
+    """A family of scenes: its class names (shapes, index 0 the background) and each class's texture."""
+
+    classes: tuple[str, ...]
+    textures: dict[int, str]
+    stream: int  # entropy added to every scene's seed: two variants never draw the same scene
+
+
+# ``source`` shares no class with the benchmark (other shapes, other textures) and no image (its
+# own seed stream): it is the suite's offline stand-in for ImageNet, an upstream task on which an
+# encoder is pretrained once before the benchmark fine-tunes it (src/pretrain.py).
+VARIANTS = {
+    "benchmark": Variant(CLASSES, CLASS_TEXTURE, 0),
+    "source": Variant(
+        ("background", "hexagon", "crescent", "heart", "diamond", "chevron", "half_disc", "ell"),
+        {1: "hatch", 2: "spiral", 3: "lattice", 4: "rays", 5: "ramp", 6: "triangles", 7: "blotches"},
+        1,
+    ),
+}
+
+
 class Blob(NamedTuple):
     """Background clutter: an ellipse whose radius wobbles with harmonics 2, 3 and 4."""
 
@@ -117,27 +138,48 @@ def _smooth_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray
     return rows[:, i] * (1 - f)[None, :] + rows[:, i + 1] * f[None, :]
 
 
-def _inside(label: int, u: np.ndarray, v: np.ndarray, r: float) -> np.ndarray:
-    """Inside test of class ``label`` at the instance's rotated local coordinates (u, v), size ``r``."""
-    if label == 1:  # disc
+def _inside(shape: str, u: np.ndarray, v: np.ndarray, r: float) -> np.ndarray:
+    """Inside test of a ``shape`` (a class name) at the instance's rotated local coordinates (u, v), size ``r``.
+
+    Every shape lies within 1.3 r of its centre (see `_footprint`).
+    """
+    if shape == "disc":
         return u * u + v * v < r * r
-    if label == 2:  # square
+    if shape == "square":
         return np.maximum(np.abs(u), np.abs(v)) < 0.8 * r
-    if label == 3:  # equilateral triangle, apex along -v, 1.3x larger so its area matches the others'
+    if shape == "triangle":  # equilateral, apex along -v, 1.3x larger so its area matches the others'
         r = 1.3 * r
         return (v < 0.5 * r) & (np.sqrt(3.0) * u - v < r) & (-np.sqrt(3.0) * u - v < r)
-    if label == 4:  # ring
+    if shape == "ring":
         d2 = u * u + v * v
         return (d2 < r * r) & (d2 > (0.45 * r) ** 2)
-    if label == 5:  # plus-shaped cross
+    if shape == "cross":  # plus-shaped
         a, b = np.abs(u), np.abs(v)
         return ((a < 0.3 * r) & (b < r)) | ((b < 0.3 * r) & (a < r))
-    if label == 6:  # five-pointed star
+    if shape == "star":  # five-pointed
         theta = np.arctan2(v, u)
         return np.sqrt(u * u + v * v) < r * (0.62 + 0.38 * np.cos(5.0 * theta))
-    if label == 7:  # elongated ellipse
+    if shape == "ellipse":  # elongated
         return (u / r) ** 2 + (v / (0.45 * r)) ** 2 < 1.0
-    raise ValueError(f"no shape for class {label}")
+    if shape == "hexagon":
+        a, b = np.abs(u), np.abs(v)
+        return (b < 0.87 * r) & (np.sqrt(3.0) * a + b < 1.73 * r)
+    if shape == "crescent":  # a disc with an off-centre disc cut out
+        return (u * u + v * v < r * r) & ((u - 0.45 * r) ** 2 + v * v > (0.75 * r) ** 2)
+    if shape == "heart":  # (x^2 + y^2 - 1)^3 < x^2 y^3, point along +v
+        x, y = u / (0.9 * r), -v / (0.9 * r)
+        return (x * x + y * y - 1.0) ** 3 < x * x * y**3
+    if shape == "diamond":  # a rhombus, 1.6 times longer than wide
+        return np.abs(u) / r + np.abs(v) / (0.62 * r) < 1.0
+    if shape == "chevron":  # a thick V
+        return (np.abs(v) < 0.85 * r) & (np.abs(u - 0.8 * np.abs(v) + 0.3 * r) < 0.3 * r)
+    if shape == "half_disc":
+        return (u * u + v * v < (1.15 * r) ** 2) & (v < 0.1 * r)
+    if shape == "ell":  # an L of two bars
+        a = (u > -0.8 * r) & (u < -0.3 * r) & (np.abs(v) < 0.9 * r)
+        b = (v > 0.4 * r) & (v < 0.9 * r) & (u > -0.8 * r) & (u < 0.8 * r)
+        return a | b
+    raise ValueError(f"no shape {shape!r}")
 
 
 def _texture(name: str, u: np.ndarray, v: np.ndarray, period: float) -> np.ndarray:
@@ -161,12 +203,32 @@ def _texture(name: str, u: np.ndarray, v: np.ndarray, period: float) -> np.ndarr
     if name == "speckle":  # random square cells of side `period`, hashed from the coordinates (no generator)
         cells = np.floor(u / period) * 12.9898 + np.floor(v / period) * 78.233
         return (np.mod(np.sin(cells) * 43758.5453, 1.0) > 0.5).astype(np.float32)
+    if name == "hatch":  # thin lines, a quarter of each cycle
+        return (np.mod(u, 2.8 * period) < 0.7 * period).astype(np.float32)
+    if name == "spiral":  # a two-armed spiral about the centre
+        phase = np.sqrt(u * u + v * v) * (np.pi / period) + 2.0 * np.arctan2(v, u)
+        return (np.sin(phase) > 0).astype(np.float32)
+    if name == "lattice":  # diamonds: an L1 distance pattern repeated in both directions
+        du, dv = np.abs(np.mod(u, 2 * period) - period), np.abs(np.mod(v, 2 * period) - period)
+        return (du + dv < 0.6 * period).astype(np.float32)
+    if name == "rays":  # six sectors alternating about the centre
+        return (np.sin(6.0 * np.arctan2(v, u)) > 0).astype(np.float32)
+    if name == "ramp":  # a full-contrast linear ramp across the instance, no pattern
+        return np.clip(0.5 + u / (6.0 * period), 0.0, 1.0)
+    if name == "triangles":  # a lattice of triangles: three line families at 60 degrees
+        k = np.pi / period
+        return ((np.sin(u * k) + np.sin((0.5 * u + 0.87 * v) * k) + np.sin((0.5 * u - 0.87 * v) * k)) > 0).astype(
+            np.float32
+        )
+    if name == "blotches":  # irregular blobs from three incommensurate waves
+        k = np.pi / (1.5 * period)
+        return (np.sin(u * k) + np.sin(v * k * 1.37) + np.sin((u - v) * k * 0.71) > 0.6).astype(np.float32)
     if name == "waves":  # a soft low-frequency wave (distractors only)
         return 0.5 + 0.5 * np.sin(u * (np.pi / (3.0 * period)))
     raise ValueError(f"no texture {name!r}")
 
 
-def _layout(rng: np.random.Generator, size: int) -> list[Shape]:
+def _layout(rng: np.random.Generator, size: int, num_classes: int = len(CLASSES)) -> list[Shape]:
     """Every shape of a scene, bottom to top: blobs, strokes, then the objects."""
     scale = size / 96.0
     shapes: list[Shape] = []
@@ -181,11 +243,13 @@ def _layout(rng: np.random.Generator, size: int) -> list[Shape]:
                              rng.uniform(10, 45) * scale))
     for _ in range(int(rng.integers(*OBJECT_COUNT))):
         shapes.append(Item(rng.uniform(0.05 * size, 0.95 * size, 2), rng.uniform(*OBJECT_RADIUS) * scale,
-                           rng.uniform(0, 2 * np.pi), int(rng.integers(1, len(CLASSES)))))
+                           rng.uniform(0, 2 * np.pi), int(rng.integers(1, num_classes))))
     return shapes
 
 
-def _footprint(shape: Shape, size: int) -> tuple[tuple[slice, slice], np.ndarray, np.ndarray, np.ndarray] | None:
+def _footprint(
+    shape: Shape, size: int, variant: Variant = VARIANTS["benchmark"]
+) -> tuple[tuple[slice, slice], np.ndarray, np.ndarray, np.ndarray] | None:
     """Where ``shape`` is drawn: its bounding box, the inside test there, and the local (u, v) there.
 
     Only the box is computed, not the whole image: this keeps a scene at a few milliseconds.
@@ -214,7 +278,7 @@ def _footprint(shape: Shape, size: int) -> tuple[tuple[slice, slice], np.ndarray
     elif isinstance(shape, Stroke):
         inside = (np.abs(v) < shape.width / 2) & (np.abs(u) < shape.length / 2)
     else:
-        inside = _inside(shape.label, u, v, shape.radius)
+        inside = _inside(variant.classes[shape.label], u, v, shape.radius)
     if not inside.any():
         return None
     return box, inside, u, v
@@ -229,17 +293,20 @@ def _streams(rng: np.random.Generator) -> tuple[np.random.Generator, np.random.G
     return np.random.default_rng(layout_seed), np.random.default_rng(paint_seed)
 
 
-def generate_scene(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
+def generate_scene(
+    rng: np.random.Generator, size: int, variant: Variant = VARIANTS["benchmark"]
+) -> tuple[np.ndarray, np.ndarray]:
     """One scene drawn from ``rng``: the RGB image uint8 (size, size, 3) and its mask uint8 (size, size).
 
     Args:
         rng: Source of every random choice; the same generator state gives the same scene.
         size: Side of the square image in pixels; shapes scale with it (96 is the reference).
+        variant: Which classes (shapes and textures) the objects are drawn from.
     """
     if size < 16:
         raise ValueError(f"size must be >= 16, got {size}")
     layout_rng, paint_rng = _streams(rng)
-    shapes = _layout(layout_rng, size)
+    shapes = _layout(layout_rng, size, len(variant.classes))
 
     low, high = _colour_pair(paint_rng)
     blend = _smooth_noise(paint_rng, size, int(paint_rng.integers(2, 6)))[..., None]
@@ -255,7 +322,7 @@ def generate_scene(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.
         else:
             texture = DISTRACTOR_TEXTURES[int(paint_rng.integers(len(DISTRACTOR_TEXTURES)))]
         period = float(paint_rng.uniform(*TEXTURE_PERIOD)) * size / 96.0
-        found = _footprint(shape, size)
+        found = _footprint(shape, size, variant)
         if found is None:
             continue
         box, inside, u, v = found
@@ -263,7 +330,7 @@ def generate_scene(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.
             image[box][inside] = first
             continue
         if isinstance(shape, Item):
-            texture = CLASS_TEXTURE[shape.label]
+            texture = variant.textures[shape.label]
             mask[box][inside] = shape.label
         weight = _texture(texture, u[inside], v[inside], period)[:, None]  # (pixels inside, 1)
         image[box][inside] = first * (1 - weight) + second * weight
@@ -283,13 +350,13 @@ def generate_scene(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.
     return image.astype(np.uint8), mask
 
 
-def scene_mask(rng: np.random.Generator, size: int) -> np.ndarray:
+def scene_mask(rng: np.random.Generator, size: int, variant: Variant = VARIANTS["benchmark"]) -> np.ndarray:
     """The mask ``generate_scene`` returns for the same ``rng`` state, without painting the image."""
     layout_rng, _ = _streams(rng)
     mask = np.zeros((size, size), np.uint8)
-    for shape in _layout(layout_rng, size):
+    for shape in _layout(layout_rng, size, len(variant.classes)):
         # Clutter lies under every object, so only objects write the mask.
-        found = _footprint(shape, size) if isinstance(shape, Item) else None
+        found = _footprint(shape, size, variant) if isinstance(shape, Item) else None
         if found is not None:
             box, inside, _, _ = found
             mask[box][inside] = shape.label
@@ -308,6 +375,8 @@ class SyntheticDataset(SegmentationDataset):
         num_test: Images in the test split.
         seed: Dataset seed. Keep it fixed across runs to compare methods on the same images; the
             run seed changes the label split and the training randomness, not the images.
+        variant: ``benchmark`` (the default scenes) or ``source`` (other shapes and textures, other
+            images: the upstream task an encoder is pretrained on, see `VARIANTS`).
     """
 
     name = "synthetic"
@@ -321,8 +390,11 @@ class SyntheticDataset(SegmentationDataset):
         num_val: int = 300,
         num_test: int = 300,
         seed: int = 0,
+        variant: str = "benchmark",
     ) -> None:
         super().__init__(split)
+        if variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {sorted(VARIANTS)}, got {variant!r}")
         if split not in SPLITS:
             raise DatasetError(f"synthetic has no split {split!r}; expected one of {sorted(SPLITS)}")
         if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 32:
@@ -332,7 +404,8 @@ class SyntheticDataset(SegmentationDataset):
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
-        self.classes = CLASSES
+        self.variant = VARIANTS[variant]
+        self.classes = self.variant.classes
         self.image_size = image_size
         self.seed = seed
         count = {"train": num_train, "val": num_val, "test": num_test}[split]
@@ -348,12 +421,13 @@ class SyntheticDataset(SegmentationDataset):
 
     def _rng(self, index: int) -> np.random.Generator:
         self._check_index(index)
-        return np.random.default_rng([self.seed, SPLITS[self.split], index])
+        entropy = [self.seed, SPLITS[self.split], index] + ([self.variant.stream] if self.variant.stream else [])
+        return np.random.default_rng(entropy)
 
     def _scene(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         scene = self._cache.get(index)
         if scene is None:
-            scene = generate_scene(self._rng(index), self.image_size)
+            scene = generate_scene(self._rng(index), self.image_size, self.variant)
             size = scene[0].nbytes + scene[1].nbytes
             if self._cache_bytes + size <= CACHE_BYTES:
                 self._cache[index] = scene
@@ -374,7 +448,8 @@ class SyntheticDataset(SegmentationDataset):
         """Classes of every sample, from the scene layouts alone (about 10x cheaper than painting)."""
         sets = []
         for i in range(len(self)):
-            counts = np.bincount(scene_mask(self._rng(i), self.image_size).ravel(), minlength=self.num_classes)
+            mask = scene_mask(self._rng(i), self.image_size, self.variant)
+            counts = np.bincount(mask.ravel(), minlength=self.num_classes)
             sets.append(set(np.flatnonzero(counts).tolist()))
         return sets
 
