@@ -43,3 +43,59 @@ def msrc21() -> Path:
     if not (MSRC21 / "classes.txt").is_file():
         pytest.skip(f"real dataset not present at {MSRC21}")
     return MSRC21
+
+
+@pytest.fixture
+def weights_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Empty, offline caches for smp's and timm's weight loaders (HF_HOME, TORCH_HOME) under tmp_path.
+
+    huggingface_hub reads HF_HUB_CACHE and HF_HUB_OFFLINE once, at import: its constants are
+    patched too. torch hub reads TORCH_HOME at each call.
+    """
+    from huggingface_hub import constants
+
+    home = tmp_path / "cache"
+    hf_home = home / "huggingface"
+    env = {"HF_HOME": hf_home, "HF_HUB_CACHE": hf_home / "hub", "TORCH_HOME": home / "torch", "HF_HUB_OFFLINE": 1}
+    for name, value in env.items():
+        monkeypatch.setenv(name, str(value))
+    monkeypatch.setattr(constants, "HF_HOME", str(hf_home))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hf_home / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return home
+
+
+def random_state(module: torch.nn.Module, seed: int = 1) -> dict[str, torch.Tensor]:
+    """``module``'s state dict with every float tensor replaced by seeded random values."""
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        k: torch.randn(v.shape, generator=generator) if v.is_floating_point() else v.clone()
+        for k, v in module.state_dict().items()
+    }
+
+
+def assert_weights_loaded(module: torch.nn.Module, source: dict[str, torch.Tensor]) -> None:
+    """Every tensor of ``module`` is the one of the same name in ``source``."""
+    state = module.state_dict()
+    assert state and set(state) <= set(source), set(state) - set(source)
+    for name, tensor in state.items():
+        assert torch.equal(tensor, source[name]), name
+
+
+def smp_snapshot(cache: Path, encoder_name: str, weights: str) -> Path:
+    """The folder smp's get_encoder reads ``weights`` from: the Hugging Face cache at smp's pinned revision."""
+    import segmentation_models_pytorch as smp
+
+    settings = smp.encoders.encoders[encoder_name]["pretrained_settings"][weights]
+    repo = "models--" + settings["repo_id"].replace("/", "--")
+    return cache / "huggingface" / "hub" / repo / "snapshots" / settings["revision"]
+
+
+def cache_smp_weights(cache: Path, encoder_name: str, weights: str, state: dict[str, torch.Tensor]) -> None:
+    """Put ``state`` (and the config.json smp also asks for) into ``smp_snapshot``."""
+    from safetensors.torch import save_file
+
+    folder = smp_snapshot(cache, encoder_name, weights)
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    save_file(state, folder / "model.safetensors")

@@ -5,7 +5,9 @@ import pytest
 from PIL import Image
 
 from src.train import cli_entry
-from tests.conftest import smoke_args
+from tests.conftest import smoke_args, smp_snapshot
+
+RESNET18_IMAGENET = ("--model.init_args.encoder_name", "resnet18", "--model.init_args.encoder_weights", "imagenet")
 
 
 def run_fit(tmp_path, capsys, *extra):
@@ -82,3 +84,11 @@ def test_budget_larger_than_pool(tmp_path, capsys):
 def test_unknown_names(tmp_path, capsys, option, value, expected):
     code, line = run_fit(tmp_path, capsys, option, value)
     assert code == 2 and expected in line
+
+
+def test_named_encoder_weights_without_a_cached_file(tmp_path, capsys, weights_cache):
+    code, line = run_fit(tmp_path, capsys, *RESNET18_IMAGENET, "--trainer.max_steps", "2")
+    assert code == 2 and line.startswith("error: encoder_weights='imagenet' for resnet18: no cached file ")
+    folder = smp_snapshot(weights_cache, "resnet18", "imagenet")
+    assert f"{folder}/config.json, {folder}/model.safetensors (offline: HF_HUB_OFFLINE is set;" in line
+    assert not (tmp_path / "run" / "metrics.json").exists()

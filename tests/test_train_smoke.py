@@ -9,7 +9,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from src import predict
 from src.train import cli_entry, main
-from tests.conftest import smoke_args
+from tests.conftest import assert_weights_loaded, cache_smp_weights, random_state, smoke_args
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +45,18 @@ def test_last_checkpoint_holds_the_final_step(finished_run):
     assert best["global_step"] in (2, 4)
     summary = json.loads((finished_run / "metrics.json").read_text())
     assert summary["last_checkpoint"].endswith("checkpoints/last.ckpt")
+
+
+def test_named_encoder_weights_come_from_a_prefilled_cache(tmp_path, weights_cache):
+    import segmentation_models_pytorch as smp
+
+    state = random_state(smp.encoders.get_encoder("resnet18"))
+    cache_smp_weights(weights_cache, "resnet18", "imagenet", state)
+    weights = ["--model.init_args.encoder_name", "resnet18", "--model.init_args.encoder_weights", "imagenet"]
+    cli = main(smoke_args("supervised", tmp_path / "built", *weights), run=False)
+    assert_weights_loaded(cli.model.student.model.encoder, state)
+    assert cli_entry(["fit", *smoke_args("supervised", tmp_path, *weights, "--trainer.max_steps", "2")]) == 0
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["steps"] == 2
 
 
 def test_validate_on_checkpoint_reproduces_best_miou(finished_run, tmp_path):

@@ -8,21 +8,36 @@ needs around an smp model:
 - `forward_features`, which also returns the decoder features (the input of smp's
   segmentation head) for a representation head such as ReCo's.
 
-Weights never come from the network: ``encoder_weights`` is None (random init) or the
-path of a local file holding an encoder (or whole-model) state dict.
+``encoder_weights`` is None (random init), the path of a local file holding an encoder (or
+whole-model) state dict, or a weight name that smp (``imagenet``, ``ssl``, ...) or timm (a
+pretrained tag of a ``tu-`` encoder) knows. Named weights come through smp's and timm's own
+loaders and caches: the Hugging Face cache (``HF_HUB_CACHE``, default ``$HF_HOME/hub``) or torch
+hub's (``$TORCH_HOME/hub/checkpoints``). Without a network (``HF_HUB_OFFLINE=1``) they must be
+cached already; a missing file fails with one line naming it and its folder.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
 
 import segmentation_models_pytorch as smp
+import timm
 import torch
 import torch.nn.functional as F
+from huggingface_hub import constants as hf_constants
+from huggingface_hub.errors import EntryNotFoundError
+from huggingface_hub.file_download import REGEX_COMMIT_HASH, repo_folder_name
+from timm.models._builder import _resolve_pretrained_source
+from timm.models._hub import hf_split
 from torch import Tensor, nn
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# The encoder_weights name of timm's default pretrained tag (for most models an ImageNet one).
+TIMM_DEFAULT_WEIGHTS = "imagenet"
 
 
 def available_architectures() -> list[str]:
@@ -31,8 +46,6 @@ def available_architectures() -> list[str]:
 
 def _check_encoder(encoder_name: str) -> None:
     if encoder_name.startswith("tu-"):
-        import timm
-
         if not timm.is_model(encoder_name[3:]):
             raise ValueError(f"unknown encoder_name {encoder_name!r}: timm has no model {encoder_name[3:]!r}")
         return
@@ -44,14 +57,147 @@ def _check_encoder(encoder_name: str) -> None:
         )
 
 
+def weight_names(encoder_name: str) -> list[str]:
+    """The pretrained weights smp or timm has for an encoder, by the name ``encoder_weights`` takes.
+
+    smp encoders: the keys of smp's ``pretrained_settings`` (e.g. ``imagenet``, ``ssl``, ``swsl``).
+    ``tu-`` encoders: ``imagenet`` (timm's default pretrained tag for the model) and every tag
+    timm has weights for (e.g. ``a1_in1k``).
+    """
+    if not encoder_name.startswith("tu-"):
+        return list(smp.encoders.encoders[encoder_name]["pretrained_settings"])
+    model, _ = timm.models.split_model_name_tag(encoder_name[3:])
+    tags = [name.partition(".")[2] for name in timm.list_pretrained(f"{model}.*")]
+    return [TIMM_DEFAULT_WEIGHTS, *tags] if tags else []
+
+
+@dataclass(frozen=True)
+class CachedWeights:
+    """Where smp's or timm's loader keeps one set of named weights.
+
+    Args:
+        source: What the loader downloads (a Hugging Face repo or a URL).
+        folder: The cache folder the files belong in.
+        files: Each file the loader reads, as the names it accepts for it (the first is downloaded).
+        ref: The file naming the commit ``folder`` stands for, when the loader asks for a branch.
+    """
+
+    source: str
+    folder: Path
+    files: tuple[tuple[str, ...], ...]
+    ref: Path | None = None
+
+    def missing(self) -> list[Path]:
+        """The files still to be put into the cache (empty: the loader finds everything)."""
+        files = [self.folder / names[0] for names in self.files if not any((self.folder / n).is_file() for n in names)]
+        return [self.ref] + files if self.ref is not None and not self.ref.is_file() else files
+
+
+def _hf_cache(repo_id: str, revision: str | None, files: tuple[tuple[str, ...], ...]) -> CachedWeights:
+    """A Hugging Face hub download's snapshot folder, read at call time (HF_HUB_CACHE)."""
+    storage = Path(hf_constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type="model")
+    revision = revision or "main"
+    if REGEX_COMMIT_HASH.fullmatch(revision):
+        return CachedWeights(f"{repo_id}@{revision}", storage / "snapshots" / revision, files)
+    # A branch (timm's "main"): the cache's refs/<branch> names the commit whose snapshot is read.
+    ref = storage / "refs" / revision
+    commit = ref.read_text().strip() if ref.is_file() else "<commit>"
+    return CachedWeights(f"{repo_id}@{revision}", storage / "snapshots" / commit, files, ref)
+
+
+def _smp_cache(encoder_name: str, weights: str) -> CachedWeights:
+    # smp's get_encoder downloads config.json, then model.safetensors, at a pinned revision.
+    settings = smp.encoders.encoders[encoder_name]["pretrained_settings"][weights]
+    return _hf_cache(settings["repo_id"], settings["revision"], (("config.json",), ("model.safetensors",)))
+
+
+def _timm_cache(timm_name: str) -> CachedWeights | None:
+    """Where timm's ``load_pretrained`` looks for a tagged model's weights (None: not a download)."""
+    load_from, location = _resolve_pretrained_source(timm.models.get_pretrained_cfg(timm_name).to_dict())
+    if load_from == "url":
+        file = Path(urlparse(location).path).name
+        return CachedWeights(location, Path(torch.hub.get_dir()) / "checkpoints", ((file,),))
+    if load_from == "hf-hub":
+        hub_id, filename = location if isinstance(location, tuple) else (location, None)
+        repo_id, revision = hf_split(hub_id)
+        # Without a file name timm tries model.safetensors first, then pytorch_model.bin.
+        files = ((filename,),) if filename else (("model.safetensors", "pytorch_model.bin"),)
+        return _hf_cache(repo_id, revision, files)
+    return None
+
+
+def _pretrained_model(arch: str, encoder_name: str, weights: str, **kwargs: Any) -> nn.Module:
+    """An smp model whose encoder smp (or, for ``tu-`` encoders, timm) loads named weights into."""
+    if encoder_name.startswith("tu-"):
+        model, tag = timm.models.split_model_name_tag(encoder_name[3:])
+        if tag:
+            raise ValueError(
+                f"encoder_name {encoder_name!r} carries a pretrained tag; pass it as encoder_weights "
+                f"(encoder_name='tu-{model}', encoder_weights={tag!r})"
+            )
+        tag = timm.models.get_pretrained_cfg(model).tag if weights == TIMM_DEFAULT_WEIGHTS else weights
+        # smp hands `tu-<model>.<tag>` with weights=True to timm.create_model(pretrained=True).
+        smp_name, smp_weights, cache = f"tu-{model}.{tag}", True, _timm_cache(f"{model}.{tag}")
+        described = f"encoder_weights={weights!r} (timm's {model}.{tag}) for {encoder_name}"
+    else:
+        smp_name, smp_weights, cache = encoder_name, weights, _smp_cache(encoder_name, weights)
+        described = f"encoder_weights={weights!r} for {encoder_name}"
+
+    def no_cached_file(cause: str) -> ValueError:
+        missing = cache.missing()
+        files, it = ", ".join(map(str, missing)), "them" if len(missing) > 1 else "it"
+        return ValueError(
+            f"{described}: no cached file {files} ({cause}; source {cache.source}); "
+            f"download {it} on a machine with a network or put {it} there"
+        )
+
+    # Offline, torch hub would still try to download: say what is missing before any attempt.
+    if cache is not None and hf_constants.is_offline_mode() and cache.missing():
+        raise no_cached_file("offline: HF_HUB_OFFLINE is set")
+    try:
+        return smp.create_model(arch, encoder_name=smp_name, encoder_weights=smp_weights, **kwargs)
+    except (OSError, EntryNotFoundError) as exc:  # no connection, offline, HTTP errors
+        if cache is None or not cache.missing():
+            raise
+        raise no_cached_file(f"download failed: {type(exc).__name__}") from exc
+
+
+def create_smp_model(arch: str, encoder_name: str, encoder_weights: str | None = None, **kwargs: Any) -> nn.Module:
+    """``smp.create_model`` with this suite's ``encoder_weights``: the one place that resolves them.
+
+    Named weights go through smp's and timm's own model builders (not a state dict loaded
+    afterwards), so their checkpoint filters and input-channel adaptation apply.
+
+    Args:
+        arch: smp architecture name (case-insensitive).
+        encoder_name: smp encoder name (``resnet18``) or a timm one (``tu-resnet10t``).
+        encoder_weights: None for random init, a name from `weight_names` (looked up first), or the
+            path of a local encoder (or whole-model) state dict (see `load_encoder_weights`).
+        **kwargs: Further arguments of ``smp.create_model`` (``classes``, architecture options).
+    """
+    if arch.lower() not in smp.MODEL_ARCHITECTURES_MAPPING:
+        raise ValueError(f"unknown arch {arch!r}; expected one of {available_architectures()}")
+    _check_encoder(encoder_name)
+    if encoder_weights is None:
+        return smp.create_model(arch.lower(), encoder_name=encoder_name, encoder_weights=None, **kwargs)
+    names = weight_names(encoder_name)
+    if encoder_weights in names:
+        return _pretrained_model(arch.lower(), encoder_name, encoder_weights, **kwargs)
+    if not Path(encoder_weights).is_file():
+        raise ValueError(
+            f"encoder_weights={encoder_weights!r} for {encoder_name}: expected None, the path of a local "
+            f"weights file (none there), or a weight name for this encoder: {names}"
+        )
+    model = smp.create_model(arch.lower(), encoder_name=encoder_name, encoder_weights=None, **kwargs)
+    load_encoder_weights(model, encoder_weights)
+    return model
+
+
 def load_encoder_weights(model: nn.Module, path: str) -> None:
     """Load a local state dict into ``model.encoder`` (keys may carry an ``encoder.`` prefix)."""
     file = Path(path)
     if not file.is_file():
-        raise ValueError(
-            f"encoder_weights={path!r}: expected None or the path of a local weights file "
-            "(nothing is downloaded; e.g. a torchvision resnet state dict saved with torch.save)"
-        )
+        raise ValueError(f"encoder_weights={path!r}: no such weights file")
     state = torch.load(file, map_location="cpu", weights_only=True)
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
@@ -75,7 +221,10 @@ class Segmenter(nn.Module):
         num_classes: Number of output classes.
         arch: smp architecture name, e.g. ``DeepLabV3Plus``, ``Unet``, ``FPN`` (case-insensitive).
         encoder_name: smp encoder name (``resnet18``) or a timm one (``tu-resnet10t``).
-        encoder_weights: None for random init, or the path of a local weights file.
+        encoder_weights: None for random init; a weight name smp or timm knows for the encoder
+            (``imagenet``, ``ssl``, ``swsl`` for smp's; ``imagenet``, timm's default tag, or a
+            timm pretrained tag such as ``a1_in1k`` for ``tu-`` ones), loaded through their own
+            caches; or the path of a local weights file.
         model_options: Extra keyword arguments for the smp architecture
             (e.g. ``decoder_channels``, ``encoder_depth``).
     """
@@ -89,20 +238,9 @@ class Segmenter(nn.Module):
         model_options: dict | None = None,
     ) -> None:
         super().__init__()
-        if arch.lower() not in smp.MODEL_ARCHITECTURES_MAPPING:
-            raise ValueError(f"unknown arch {arch!r}; expected one of {available_architectures()}")
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-        _check_encoder(encoder_name)
-        self.model = smp.create_model(
-            arch.lower(),
-            encoder_name=encoder_name,
-            encoder_weights=None,
-            classes=num_classes,
-            **(model_options or {}),
-        )
-        if encoder_weights is not None:
-            load_encoder_weights(self.model, encoder_weights)
+        self.model = create_smp_model(arch, encoder_name, encoder_weights, classes=num_classes, **(model_options or {}))
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         self.stride = self._input_divisor()

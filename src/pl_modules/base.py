@@ -58,7 +58,9 @@ class SemiSupervisedModule(pl.LightningModule, ABC):
         class_names: Names for per-class IoU logs (linked from the datamodule).
         arch: smp architecture, e.g. ``DeepLabV3Plus`` or ``Unet``.
         encoder_name: smp encoder (``resnet18``) or timm encoder (``tu-resnet10t``).
-        encoder_weights: None (random init) or the path of a local encoder weights file.
+        encoder_weights: None (random init), a weight name smp or timm knows for the encoder (``imagenet``,
+            smp's ``ssl``/``swsl``, a timm tag such as ``a1_in1k``; from their caches, see `Segmenter`), or
+            the path of a local encoder weights file.
         model_options: Extra keyword arguments of the smp architecture.
         optimizer: Optimizer factory applied to the trainable parameters (never the teacher's).
         lr_power: Exponent of the poly schedule ``lr * (1 - step / max_steps) ** lr_power``, stepped per step.

@@ -1,7 +1,13 @@
+from pathlib import Path
+
 import pytest
+import segmentation_models_pytorch as smp
+import timm
 import torch
+from safetensors.torch import save_file
 
 from src.networks import RepresentationHead, Segmenter
+from tests.conftest import assert_weights_loaded, cache_smp_weights, random_state, smp_snapshot
 
 
 def tiny(**kw):
@@ -51,9 +57,96 @@ def test_encoder_weights_from_local_file(tmp_path):
         assert torch.equal(a, b), name
 
 
-def test_encoder_weights_never_download():
-    with pytest.raises(ValueError, match="encoder_weights='imagenet'.*local weights file"):
-        tiny(encoder_weights="imagenet")
+def cache_timm_hf_weights(cache: Path, repo_id: str, state: dict[str, torch.Tensor]) -> None:
+    """Put ``state`` where timm reads a Hugging Face hub model: refs/main names the snapshot."""
+    storage = cache / "huggingface" / "hub" / ("models--" + repo_id.replace("/", "--"))
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    (storage / "refs").mkdir(parents=True)
+    (storage / "refs" / "main").write_text(commit)
+    (storage / "snapshots" / commit).mkdir(parents=True)
+    save_file(state, storage / "snapshots" / commit / "model.safetensors")
+
+
+def test_smp_weights_by_name_come_from_the_hf_cache(weights_cache):
+    state = random_state(smp.encoders.get_encoder("resnet18"))
+    cache_smp_weights(weights_cache, "resnet18", "imagenet", state)
+    net = Segmenter(3, encoder_name="resnet18", encoder_weights="imagenet", model_options={"decoder_channels": 32})
+    assert_weights_loaded(net.model.encoder, state)
+    assert set(net.model.encoder.state_dict()) == set(state)
+
+
+@pytest.mark.parametrize("weights", ["r160_in1k", "imagenet"])  # imagenet: timm's default tag, r160_in1k
+def test_timm_weights_by_tag_come_from_the_hf_cache(weights_cache, weights):
+    state = random_state(timm.create_model("test_resnet"))
+    cache_timm_hf_weights(weights_cache, "timm/test_resnet.r160_in1k", state)
+    net = tiny(encoder_weights=weights)
+    # timm's features-only model: every tensor but the classifier's.
+    assert_weights_loaded(net.model.encoder.model, state)
+
+
+def test_timm_weights_by_url_come_from_the_torch_hub_cache(weights_cache):
+    # legacy_seresnet18's weights are a URL download (no Hugging Face repo): torch hub's cache.
+    state = random_state(timm.create_model("legacy_seresnet18"))
+    (weights_cache / "torch" / "hub" / "checkpoints").mkdir(parents=True)
+    torch.save(state, weights_cache / "torch" / "hub" / "checkpoints" / "seresnet18-4bb0ce65.pth")
+    net = Segmenter(3, arch="Unet", encoder_name="tu-legacy_seresnet18", encoder_weights="imagenet",
+                    model_options={"decoder_channels": (16, 16, 16, 16, 16)})  # SENet has no output_stride 16
+    assert_weights_loaded(net.model.encoder.model, state)
+
+
+def one_line_error(**kwargs) -> str:
+    with pytest.raises(ValueError) as info:
+        Segmenter(3, model_options={"decoder_channels": 32}, **kwargs)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_missing_cached_file_is_one_line_naming_weights_file_and_folder(weights_cache):
+    folder = smp_snapshot(weights_cache, "resnet18", "imagenet")
+    message = one_line_error(encoder_name="resnet18", encoder_weights="imagenet")
+    assert message.startswith("encoder_weights='imagenet' for resnet18: no cached file ")
+    assert f"{folder}/config.json, {folder}/model.safetensors (offline" in message
+    # Only what is missing is named.
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    message = one_line_error(encoder_name="resnet18", encoder_weights="imagenet")
+    assert f"no cached file {folder}/model.safetensors (offline" in message and "download it" in message
+
+
+def test_missing_timm_file_names_the_snapshot_and_its_ref(weights_cache):
+    storage = weights_cache / "huggingface" / "hub" / "models--timm--test_resnet.r160_in1k"
+    message = one_line_error(encoder_name="tu-test_resnet", encoder_weights="imagenet")
+    assert message.startswith("encoder_weights='imagenet' (timm's test_resnet.r160_in1k) for tu-test_resnet: ")
+    assert f"no cached file {storage}/refs/main, {storage}/snapshots/<commit>/model.safetensors" in message
+    message = one_line_error(encoder_name="tu-legacy_seresnet18", encoder_weights="imagenet")
+    assert f"no cached file {weights_cache}/torch/hub/checkpoints/seresnet18-4bb0ce65.pth (offline" in message
+
+
+def test_failed_download_becomes_the_one_line(weights_cache, monkeypatch):
+    from huggingface_hub import constants
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    def no_connection(*args, **kwargs):
+        raise LocalEntryNotFoundError("An error happened while trying to locate the file on the Hub ...")
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(smp.encoders, "hf_hub_download", no_connection)  # the loader smp calls
+    message = one_line_error(encoder_name="resnet18", encoder_weights="ssl")
+    assert "encoder_weights='ssl' for resnet18: no cached file " in message
+    assert "model.safetensors (download failed: LocalEntryNotFoundError; source smp-hub/resnet18.ssl@" in message
+
+
+@pytest.mark.parametrize(
+    "encoder_name, weights, expected",
+    [
+        ("resnet18", "nope", "a weight name for this encoder: ['imagenet', 'ssl', 'swsl']"),
+        ("tu-test_resnet", "nope", "a weight name for this encoder: ['imagenet', 'r160_in1k']"),
+        ("tu-test_resnet.r160_in1k", "r160_in1k", "encoder_name='tu-test_resnet', encoder_weights='r160_in1k'"),
+    ],
+)
+def test_bad_weight_name_lists_the_valid_ones(weights_cache, encoder_name, weights, expected):
+    assert expected in one_line_error(encoder_name=encoder_name, encoder_weights=weights)
 
 
 def test_representation_head_shape():
