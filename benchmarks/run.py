@@ -221,6 +221,25 @@ def check_passthrough(args: Sequence[str]) -> list[str]:
     return out
 
 
+def encoder_weights(args: Sequence[str]) -> Any:
+    """``model.init_args.encoder_weights`` as ``args`` leave it: the last ``--config`` file or flag setting it wins."""
+    weights = None
+    tokens = iter(args)
+    for arg in tokens:
+        key, has_value, value = arg.partition("=")
+        if key not in ("--config", "--model.init_args.encoder_weights", "--model.encoder_weights"):
+            continue
+        value = value if has_value else next(tokens, "")
+        if key != "--config":
+            weights = yaml.safe_load(value)  # "null" -> None, as the CLI reads it
+            continue
+        path = Path(value) if Path(value).is_absolute() else REPO / value
+        config = (yaml.safe_load(path.read_text()) if path.is_file() else None) or {}
+        init_args = (config.get("model") or {}).get("init_args") or {}
+        weights = init_args.get("encoder_weights", weights)
+    return weights
+
+
 def parse_ints(text: str, option: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
@@ -678,16 +697,23 @@ def run_grid(
     poll_s: float = 3.0,
     tty_every_s: float = 15.0,
     stream: IO[str] | None = None,
+    allow_random_init: bool = False,
 ) -> list[dict[str, Any]]:
     """Train every (method, budget, seed) not done yet, write ``result.json`` per run, then the report.
 
     Holds ``<out>/.lock`` for the whole grid (another runner on the same ``out`` is refused).
     Returns one record per run of the grid (skipped ones read back from their ``result.json``).
+    The ``paper`` profile refuses a random-init encoder unless ``allow_random_init``.
     """
     stream = stream or sys.stdout
     if workers < 1:
         raise GridError(f"--workers must be >= 1, got {workers}")
     common = profile_args(profile, dataset, data_root) + check_passthrough(extra_args)
+    if profile == "paper" and encoder_weights(common) is None and not allow_random_init:
+        raise GridError(
+            "--profile paper with encoder_weights None (a random-init encoder): the published numbers "
+            "assume ImageNet-pretrained weights; pass --allow-random-init to run it anyway"
+        )
     out = Path(out if out is not None else default_out(dataset, profile)).resolve()
     out.mkdir(parents=True, exist_ok=True)
     specs = [
@@ -819,6 +845,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", default=None, help="result directory (default results/<dataset>-<profile>)")
     parser.add_argument("--workers", type=int, default=1, help="runs in parallel (default 1)")
     parser.add_argument("--best", action="store_true", help="tables use best-val mIoU instead of last-step")
+    parser.add_argument(
+        "--allow-random-init", action="store_true", help="let --profile paper run with encoder_weights None"
+    )
     parser.add_argument("--poll", type=float, default=3.0, help=argparse.SUPPRESS)
     return parser
 
@@ -842,6 +871,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             workers=args.workers,
             best=args.best,
             poll_s=args.poll,
+            allow_random_init=args.allow_random_init,
         )
     except GridError as exc:
         print(f"error: {exc}", file=sys.stderr)

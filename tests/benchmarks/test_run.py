@@ -22,6 +22,7 @@ from benchmarks.run import (
     RunSpec,
     check_passthrough,
     config_hashes,
+    encoder_weights,
     format_duration,
     main,
     method_args,
@@ -236,6 +237,36 @@ def test_other_arguments_of_the_same_directory_are_refused(tmp_path: Path) -> No
 def test_bad_arguments(argv: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--method", "supervised", "--out", str(tmp_path), *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_paper_profile_refuses_a_random_init_encoder_unless_allowed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    paper = ["--method", "supervised", "--dataset", "pascal_voc", "--data-root", str(tmp_path), "--profile", "paper",
+             "--out", str(out)]
+    random_init = ["--model.init_args.encoder_weights", "null"]
+    # A held lock stops any grid that gets past the check before it trains.
+    with open(out / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert main([*paper, *random_init]) == 2
+        err = capsys.readouterr().err
+        assert "encoder_weights None" in err and "pretrained" in err and "--allow-random-init" in err
+        imagenet_again = ["--model.encoder_weights=null", "--model.init_args.encoder_weights", "imagenet"]
+        for allowed in ([], [*random_init, "--allow-random-init"], imagenet_again):
+            assert main([*paper, *allowed]) == 2
+            assert "another runner is using" in capsys.readouterr().err
+    assert not (out / "runs").exists()
+
+
+def test_encoder_weights_after_configs_and_flags(tmp_path: Path) -> None:
+    paper = profile_args("paper", "pascal_voc", "/data/voc")
+    assert encoder_weights(paper) == "imagenet" and encoder_weights(profile_args("quick", "folder", "/d")) is None
+    override = tmp_path / "random_init.yaml"
+    override.write_text("model:\n  init_args:\n    encoder_weights: null\n")
+    assert encoder_weights([*paper, "--config", str(override)]) is None
+    assert encoder_weights([*paper, "--config", str(override), "--model.encoder_weights", "ssl"]) == "ssl"
 
 
 def test_profiles_and_passthrough() -> None:
