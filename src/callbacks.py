@@ -71,8 +71,9 @@ class LastCheckpoint(pl.Callback):
         self.path: Path | None = None
         self._saved_step = -1
 
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # The ModelCheckpoint has resolved its directory (on every rank) in its setup by now.
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # The ModelCheckpoint has resolved its directory (on every rank) in its setup by now. Not
+        # `on_train_start`: a fit resumed from its final step trains nothing but reports the path.
         dirpath = getattr(trainer.checkpoint_callback, "dirpath", None)
         root = Path(dirpath) if dirpath else Path(trainer.default_root_dir) / "checkpoints"
         self.path = root / self.FILENAME
@@ -93,3 +94,23 @@ class LastCheckpoint(pl.Callback):
             return
         trainer.save_checkpoint(self.path)
         self._saved_step = trainer.global_step
+
+
+class FinalValidation(pl.Callback):
+    """Makes a fit validate at its last step (``trainer.max_steps``) whatever ``val_check_interval`` is.
+
+    Lightning validates every ``val_check_interval`` steps, so with 2000 steps and an interval of
+    300 the final weights would never be scored: "last" would be step 1800, and with fewer steps
+    than the interval there would be no score and no best checkpoint at all. At the last step this
+    callback sets ``trainer.should_stop``, and Lightning's training loop then runs its ordinary
+    validation for that step (as it does for early stopping) unless the interval already lands on
+    it: ModelCheckpoint, `LastCheckpoint`, `ProgressFile` and the loggers see a validation like any
+    other. Every rank reaches the step together, so the ranks agree without a collective. A fit
+    resumed from a checkpoint of its last step has no step left to train, so it validates nothing
+    again. Needs validation to be on (``limit_val_batches`` > 0), a step-counted schedule
+    (``check_val_every_n_epoch: null``, the suite's) and no ``min_steps`` beyond ``max_steps``.
+    """
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        if 0 < trainer.max_steps <= trainer.global_step:
+            trainer.should_stop = True

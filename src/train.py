@@ -14,6 +14,7 @@ import os
 import resource
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +25,10 @@ from jsonargparse import ArgumentError
 from pytorch_lightning.cli import LightningCLI
 
 import src.pl_modules  # noqa: F401  (registers every method for short class_path names)
-from src.callbacks import LastCheckpoint, ProgressFile
+from src.callbacks import FinalValidation, LastCheckpoint, ProgressFile
 from src.datamodules import SemiSupervisedDataModule
 from src.pl_modules import SemiSupervisedModule
-from src.utils import AtomicCheckpointIO, atomic_write_json
+from src.utils import AtomicCheckpointIO, atomic_write_json, scalar_metrics
 
 
 class SemiSegCLI(LightningCLI):
@@ -57,7 +58,7 @@ class SemiSegCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
         trainer = super().instantiate_trainer(**kwargs)
         trainer.strategy.checkpoint_io = AtomicCheckpointIO()
-        trainer.callbacks.extend([ProgressFile(), LastCheckpoint()])
+        trainer.callbacks.extend([ProgressFile(), LastCheckpoint(), FinalValidation()])
         return trainer
 
     def before_fit(self) -> None:
@@ -86,8 +87,15 @@ def _seed_value(seed: Any) -> int:
 
 
 def run_summary(trainer: pl.Trainer, model: SemiSupervisedModule, wall_time_s: float) -> dict[str, Any]:
-    """Final and best validation metrics of a finished fit, and where its files are."""
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if isinstance(v, torch.Tensor) and v.numel() == 1}
+    """Final and best validation metrics of a finished fit, its validation history, and where its files are.
+
+    ``val_miou_last`` is the score of the final step (NaN if that step was not validated), and
+    ``val_miou_at_80pct`` the one of the validation nearest to 80 % of the steps (`miou_at_80pct`).
+    """
+    metrics = fit_metrics(trainer, model)
+    steps = int(trainer.global_step)
+    history = list(model.val_history)
+    last_step, last_miou = history[-1] if history else (-1, float("nan"))
     checkpoint = trainer.checkpoint_callback
     last = next((c for c in trainer.callbacks if isinstance(c, LastCheckpoint)), None)
     last_iou = getattr(model, "last_val_iou", None)
@@ -96,12 +104,14 @@ def run_summary(trainer: pl.Trainer, model: SemiSupervisedModule, wall_time_s: f
     return {
         "method": model.name,
         "run_dir": str(Path(run_dir).resolve()),
-        "steps": int(trainer.global_step),
-        "val_miou_last": metrics.get("val/miou", float("nan")),
+        "steps": steps,
+        "val_miou_last": last_miou if last_step == steps else float("nan"),
+        "val_miou_at_80pct": miou_at_80pct(history, steps),
         "val_miou_best": float(model.best_miou),
         "best_step": int(model.best_step),
         "val_iou_last": dict(zip(model.class_names, _floats(last_iou))) if last_iou is not None else {},
         "metrics": metrics,
+        "val_history": [{"step": step, "miou": miou} for step, miou in history],
         "best_checkpoint": str(checkpoint.best_model_path) if checkpoint else None,
         "last_checkpoint": str(last.path) if last and last.path else None,
         "wall_time_s": wall_time_s,
@@ -109,6 +119,28 @@ def run_summary(trainer: pl.Trainer, model: SemiSupervisedModule, wall_time_s: f
         # Peak resident memory of this process (Linux reports KiB).
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     }
+
+
+def fit_metrics(trainer: pl.Trainer, model: SemiSupervisedModule) -> dict[str, float]:
+    """The scalar metrics a fit logged; for a fit resumed from its final step (nothing left to
+    train or validate), those its checkpoint recorded."""
+    return scalar_metrics(trainer.callback_metrics) or dict(model.checkpoint_metrics)
+
+
+def miou_at_80pct(history: Sequence[tuple[int, float]], steps: int) -> float:
+    """mIoU of the validation nearest to 80 % of ``steps`` (of two as near, the earlier); NaN without one.
+
+    Beside the final step's score it shows whether a run was still improving when it ended.
+
+    Args:
+        history: (step, mIoU) of each validation.
+        steps: The run's last step.
+    """
+    if not history:
+        return float("nan")
+    # 5 * |step - 0.8 * steps|, in integers so that ties are exact.
+    _, miou = min(history, key=lambda entry: (abs(5 * entry[0] - 4 * steps), entry[0]))
+    return miou
 
 
 def _floats(t: torch.Tensor) -> list[float | None]:

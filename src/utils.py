@@ -1,10 +1,11 @@
-"""Small helpers with one home: atomic file writes and an atomic checkpoint writer."""
+"""Small helpers with one home: atomic file writes, an atomic checkpoint writer, scalar metrics."""
 
 from __future__ import annotations
 
 import json
 import os
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -53,3 +54,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+
+
+def scalar_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """The one-element tensors of a metrics mapping (e.g. ``trainer.callback_metrics``) as floats."""
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, torch.Tensor) and v.numel() == 1}

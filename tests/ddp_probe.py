@@ -29,6 +29,7 @@ class TeacherDigest(pl.Callback):
             "world_size": trainer.world_size,
             "teacher": digest.hexdigest(),
             "val_miou": float(trainer.callback_metrics["val/miou"]),
+            "val_history": pl_module.val_history,
             "first_batch": self.first_batch,
         }
         self.out_dir.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,8 @@ from tests.conftest import REPO, smoke_args
 
 
 def test_ddp_two_processes_reco(tmp_path):
-    args = smoke_args("reco", tmp_path) + [
+    # 5 steps, validating every 2: the final step is validated on both ranks all the same.
+    args = smoke_args("reco", tmp_path, "--trainer.max_steps", "5") + [
         "--trainer.strategy", "ddp",
         "--trainer.devices", "2",
         "--trainer.accelerator", "cpu",
@@ -23,6 +24,7 @@ def test_ddp_two_processes_reco(tmp_path):
     assert ranks[0]["teacher"] == ranks[1]["teacher"]
     # val/miou is computed from confusion matrices summed over both ranks: one value, the same everywhere.
     assert ranks[0]["val_miou"] == ranks[1]["val_miou"]
+    assert ranks[0]["val_history"] == ranks[1]["val_history"] and [s for s, _ in ranks[0]["val_history"]] == [2, 4, 5]
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
     # Each rank's process group is destroyed before the interpreter shuts down.
     for r in (0, 1):

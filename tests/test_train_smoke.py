@@ -8,14 +8,14 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from src import predict
-from src.train import cli_entry, main
+from src.train import cli_entry, main, miou_at_80pct
 from tests.conftest import assert_weights_loaded, cache_smp_weights, random_state, smoke_args
 
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("supervised")
-    # 5 steps, validating at 2 and 4: the last step is after the last validation.
+    # 5 steps, validating at 2 and 4 (val_check_interval 2), and at 5 because it is the final step.
     main(["fit", *smoke_args("supervised", tmp_path, "--model.init_args.log_images_every_n_val", "1",
                              "--trainer.max_steps", "5")])
     return tmp_path / "run"
@@ -32,7 +32,7 @@ def test_fit_writes_checkpoints_metrics_and_tensorboard(finished_run):
     scalars = events.Tags()["scalars"]
     for tag in ("train/loss", "val/miou", "val/miou_best", "lr-AdamW"):
         assert tag in scalars, (tag, scalars)
-    assert len(events.Scalars("val/miou")) == 2  # val_check_interval 2, max_steps 5
+    assert len(events.Scalars("val/miou")) == 3  # steps 2, 4 and 5
     assert "val/predictions" in events.Tags()["images"]
 
 
@@ -41,10 +41,63 @@ def test_last_checkpoint_holds_the_final_step(finished_run):
 
     last = torch.load(finished_run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     best = torch.load(finished_run / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=False)
-    assert last["global_step"] == 5  # not the step of the last validation (4), nor of the best
-    assert best["global_step"] in (2, 4)
+    assert last["global_step"] == 5
+    assert best["global_step"] in (2, 4, 5)
     summary = json.loads((finished_run / "metrics.json").read_text())
     assert summary["last_checkpoint"].endswith("checkpoints/last.ckpt")
+
+
+def test_fit_validates_its_final_step(finished_run):
+    summary = json.loads((finished_run / "metrics.json").read_text())
+    history = summary["val_history"]
+    assert [entry["step"] for entry in history] == [2, 4, 5]
+    assert math.isfinite(summary["val_miou_last"]) and summary["val_miou_last"] == history[-1]["miou"]
+    assert summary["val_miou_at_80pct"] == history[1]["miou"]  # step 4 = 80 % of 5
+    assert summary["val_miou_best"] == max(entry["miou"] for entry in history)
+    assert Path(summary["best_checkpoint"]).is_file()
+    # ProgressFile saw the final validation too.
+    progress = json.loads((finished_run / "progress.json").read_text())
+    assert progress["step"] == 5 and progress["val_miou"] == pytest.approx(summary["val_miou_last"], abs=1e-4)
+
+
+def test_a_fit_shorter_than_its_validation_interval_validates_once_at_its_end(tmp_path, capsys):
+    import torch
+
+    args = smoke_args("mean_teacher", tmp_path, "--trainer.max_steps", "3", "--trainer.val_check_interval", "250")
+    main(["fit", *args])
+    summary = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert summary["val_history"] == [{"step": 3, "miou": summary["val_miou_last"]}]
+    assert summary["best_step"] == 3 and math.isfinite(summary["val_miou_at_80pct"])
+    assert torch.load(summary["best_checkpoint"], map_location="cpu", weights_only=False)["global_step"] == 3
+    assert "nan" not in capsys.readouterr().out
+
+    # Resumed from its final checkpoint (a run killed after its final validation): nothing is
+    # trained or validated again, and the summary is the same.
+    cli = main(["fit", *args, "--ckpt_path", summary["last_checkpoint"]])
+    assert cli.model._num_validations == 1 and "val/miou" not in cli.trainer.callback_metrics
+    resumed = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    for key in ("steps", "val_miou_last", "val_history", "best_checkpoint", "last_checkpoint", "metrics"):
+        assert resumed[key] == summary[key], key
+
+
+def test_recon_validates_its_final_step_on_its_loss(tmp_path):
+    main(["fit", *smoke_args("recon", tmp_path, "--trainer.max_steps", "3")])
+    summary = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert summary["steps"] == 3 and math.isfinite(summary["metrics"]["val/loss"])
+    events = EventAccumulator(str(tmp_path / "run")).Reload()
+    assert len(events.Scalars("val/loss")) == 2  # steps 2 and 3
+    assert Path(summary["best_checkpoint"]).is_file()
+
+
+def test_miou_at_80pct_takes_the_validation_nearest_to_80_percent_of_the_steps():
+    history = [(250, 10.0), (500, 20.0), (750, 30.0), (1000, 40.0), (1250, 50.0), (1500, 60.0)]
+    assert miou_at_80pct(history, 1500) == 50.0  # 1250 is 50 steps from 1200, 1000 is 200
+    # 2000 steps validated every 300 and at the end: 1500 is 100 steps from 1600, 1800 is 200.
+    every_300 = [(step, step / 100) for step in (300, 600, 900, 1200, 1500, 1800, 2000)]
+    assert miou_at_80pct(every_300, 2000) == 15.0
+    assert miou_at_80pct([(10, 1.0), (14, 2.0), (15, 3.0)], 15) == 1.0  # 12 is 2 from both: the earlier
+    assert miou_at_80pct([(5, 7.0)], 5) == 7.0
+    assert math.isnan(miou_at_80pct([], 1500))
 
 
 def test_named_encoder_weights_come_from_a_prefilled_cache(tmp_path, weights_cache):

@@ -26,6 +26,7 @@ from torchmetrics.classification import MulticlassConfusionMatrix
 from src.networks import RepresentationHead, Segmenter
 from src.pl_modules.ops import ema_decay, ema_update
 from src.pl_modules.visualize import prediction_grid
+from src.utils import scalar_metrics
 
 TEACHER_BN_MODES = ("train", "eval")
 EVAL_MODES = ("whole", "sliding")
@@ -159,6 +160,10 @@ class SemiSupervisedModule(pl.LightningModule, ABC):
         self.best_miou = float("nan")
         self.best_step = -1
         self._num_validations = 0
+        # (step, mIoU) of every validation of the fit, oldest first; checkpoints carry it.
+        self.val_history: list[tuple[int, float]] = []
+        # Scalar metrics restored from a checkpoint (those logged when it was saved).
+        self.checkpoint_metrics: dict[str, float] = {}
         self._val_preview: list[tuple[Tensor, Tensor, Tensor]] = []
         self.scale_range = (float(scale_range[0]), float(scale_range[1]))
 
@@ -260,6 +265,9 @@ class SemiSupervisedModule(pl.LightningModule, ABC):
         iou, accuracy = scores[reported]
         miou = _mean_iou(iou)
         self._num_validations += 1
+        # One entry per step: validating a restored checkpoint again replaces its step's entry.
+        step = int(self.global_step)
+        self.val_history = [entry for entry in self.val_history if entry[0] != step] + [(step, miou)]
         if math.isnan(self.best_miou) or miou > self.best_miou:
             self.best_miou, self.best_step = miou, int(self.global_step)
         self.log("val/miou", miou, prog_bar=True)
@@ -322,11 +330,20 @@ class SemiSupervisedModule(pl.LightningModule, ABC):
         checkpoint["best_miou"] = self.best_miou
         checkpoint["best_step"] = self.best_step
         checkpoint["num_validations"] = self._num_validations
+        checkpoint["val_history"] = [list(entry) for entry in self.val_history]
+        last_iou = getattr(self, "last_val_iou", None)
+        checkpoint["last_val_iou"] = None if last_iou is None else last_iou.tolist()
+        # What a run that resumes from this checkpoint and has nothing left to train reports.
+        checkpoint["metrics"] = scalar_metrics(self.trainer.callback_metrics)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.best_miou = checkpoint.get("best_miou", float("nan"))
         self.best_step = checkpoint.get("best_step", -1)
         self._num_validations = checkpoint.get("num_validations", 0)
+        self.val_history = [(int(step), float(miou)) for step, miou in checkpoint.get("val_history", [])]
+        if checkpoint.get("last_val_iou") is not None:
+            self.last_val_iou = torch.tensor(checkpoint["last_val_iou"], dtype=torch.float64)
+        self.checkpoint_metrics = dict(checkpoint.get("metrics", {}))
 
 
 def load_matching(network: nn.Module, checkpoint_path: str) -> list[str]:
