@@ -8,9 +8,14 @@ once, the copy from the last directory given) and writes, into ``--out`` (defaul
 directory given):
 
 - ``runs.csv``: one row per run (metrics, per-class IoU, protocol switches, cost, provenance);
+  the validation mIoU at the last step, at the validation nearest to 80 % of the steps (equal to
+  the last one for a run that had converged) and the best one;
 - ``summary.md``: mIoU by method x label budget as ``mean ± std`` over seeds (sample std; a
   cell with fewer seeds than the grid shows ``n``; failed runs are left out and counted);
 - ``miou_vs_labels.png``: one line per method over the label budgets (log axis), std as error bars.
+
+The budget ``all`` (every train image labeled, ``labelsall/``) comes last in the tables, and in
+the plot one step right of the largest budget (at twice it: the records do not give the pool size).
 
 The metric is the validation mIoU at the last step, or the best one with ``--best``. When
 the runs were tested, a second table gives the test mIoU of the best-validation checkpoint.
@@ -21,6 +26,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import math
 import sys
 import textwrap
 import warnings
@@ -38,10 +44,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from benchmarks.run import ALL_LABELS, budget_name, parse_budget  # noqa: E402
 from src.utils import atomic_write_bytes, atomic_write_text  # noqa: E402
 
 METRICS = {
     "val_miou_last": "validation mIoU at the last step",
+    "val_miou_at_80pct": "validation mIoU nearest to 80 % of the steps",
     "val_miou_best": "best validation mIoU",
     "test_miou": "test mIoU",
 }
@@ -77,20 +85,37 @@ def load_frame(dirs: Sequence[str | Path]) -> pd.DataFrame:
         if records:
             frames.append(runs_frame(records))
         elif (directory / "runs.csv").is_file():
-            frames.append(pd.read_csv(directory / "runs.csv"))
+            frames.append(read_runs_csv(directory / "runs.csv"))
     frames = [frame for frame in frames if not frame.empty]
     return dedupe(pd.concat(frames, ignore_index=True)) if frames else pd.DataFrame()
 
 
+def read_runs_csv(path: Path) -> pd.DataFrame:
+    """A ``runs.csv`` as `runs_frame` makes it: budgets as numbers (``all`` is `ALL_LABELS`), every metric column."""
+    frame = pd.read_csv(path)
+    frame["labels"] = frame["labels"].map(parse_budget)
+    # Tables written before a metric was recorded lack its column.
+    return frame.reindex(columns=[*frame.columns, *(m for m in METRICS if m not in frame.columns)])
+
+
 def dedupe(frame: pd.DataFrame) -> pd.DataFrame:
-    """``frame`` with one row per (method, labels, seed), the last copy of each, sorted by that key."""
-    key = ["method", "labels", "seed"]
-    duplicated = frame.duplicated(key, keep="last")
+    """``frame`` with one row per (method, labels, seed), the last copy of each, sorted by that key (``all`` last)."""
+    columns = ["method", "labels", "seed"]
+    duplicated = frame.duplicated(columns, keep="last")
     if duplicated.any():
-        twice = frame.loc[duplicated, key].to_dict("records")
+        twice = frame.loc[duplicated, columns].to_dict("records")
         warnings.warn(f"runs found more than once, the last copy is used: {twice}", stacklevel=2)
         frame = frame.loc[~duplicated]
-    return frame.sort_values(key, kind="stable").reset_index(drop=True)
+    return frame.sort_values(columns, kind="stable", key=_labels_last).reset_index(drop=True)
+
+
+def _budget_order(labels: int) -> float:
+    """Sort key of a label budget: by size, ``all`` after every number."""
+    return math.inf if labels == ALL_LABELS else labels
+
+
+def _labels_last(column: pd.Series) -> pd.Series:
+    return column.map(_budget_order) if column.name == "labels" else column
 
 
 def runs_frame(records: Sequence[dict[str, Any]]) -> pd.DataFrame:
@@ -102,10 +127,11 @@ def runs_frame(records: Sequence[dict[str, Any]]) -> pd.DataFrame:
         resumed = record.get("resumed_from") or {}
         row = {
             "method": record["method"],
-            "labels": int(record["labels"]),
+            "labels": parse_budget(record["labels"]),
             "seed": int(record["seed"]),
             "status": record.get("status", "failed"),
             "val_miou_last": record.get("val_miou_last"),
+            "val_miou_at_80pct": record.get("val_miou_at_80pct"),
             "val_miou_best": record.get("val_miou_best"),
             "best_step": record.get("best_step"),
             "test_miou": record.get("test_miou"),
@@ -158,7 +184,9 @@ def summary_table(frame: pd.DataFrame, metric: str, method_order: Sequence[str] 
         group_ok = ok.loc[group.index]
         cells[(method, labels)] = format_cell(group.loc[group_ok, metric], int((~group_ok).sum()), expected_n)
     table = pd.Series(cells).unstack(level=1)
-    table = table.reindex(columns=sorted(table.columns), index=_method_order(table.index, method_order))
+    table = table.reindex(
+        columns=sorted(table.columns, key=_budget_order), index=_method_order(table.index, method_order)
+    )
     table.index.name, table.columns.name = "method", "labels"
     return table.fillna("–")
 
@@ -181,15 +209,11 @@ def suite_order() -> list[str]:
 
 def markdown_table(table: pd.DataFrame) -> str:
     """A small GitHub markdown table (no `tabulate` dependency)."""
-    header = [table.index.name or "", *(_budget_name(c) for c in table.columns)]
+    header = [table.index.name or "", *(budget_name(c) for c in table.columns)]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * len(table.columns)) + "|"]
     for method, row in table.iterrows():
         lines.append("| " + " | ".join([str(method), *map(str, row.tolist())]) + " |")
     return "\n".join(lines)
-
-
-def _budget_name(labels: int) -> str:
-    return "all" if labels == 0 else str(labels)
 
 
 def method_curves(ok: pd.DataFrame, metric: str, budgets: Sequence[int]) -> dict[str, pd.DataFrame]:
@@ -201,13 +225,19 @@ def method_curves(ok: pd.DataFrame, metric: str, budgets: Sequence[int]) -> dict
     }
 
 
+def budget_positions(budgets: Sequence[int]) -> dict[int, float]:
+    """x of each budget on the plot's log axis: its size; ``all`` one step right of the largest
+    budget, at twice it (the records do not give the train pool's size)."""
+    largest = max([b for b in budgets if b != ALL_LABELS], default=1)
+    return {b: float(largest * 2 if b == ALL_LABELS else b) for b in budgets}
+
+
 def plot_miou(frame: pd.DataFrame, metric: str, title: str, method_order: Sequence[str] = ()) -> bytes:
     """PNG of mean ``metric`` against the label budget (log axis), one line per method, std error bars."""
     ok = frame[(frame["status"] == "ok") & frame[metric].notna()]
     figure, axis = plt.subplots(figsize=(6, 4))
-    budgets = sorted(ok["labels"].unique()) if not ok.empty else []
-    # A full-label run (labels=0) goes one step right of the largest budget.
-    position = {b: (b if b > 0 else max([v for v in budgets if v > 0], default=1) * 2) for b in budgets}
+    budgets = sorted(ok["labels"].unique(), key=_budget_order) if not ok.empty else []
+    position = budget_positions(budgets)
     curves = method_curves(ok, metric, budgets)
     for method in _method_order(list(curves), method_order):
         stats = curves[method]
@@ -215,7 +245,7 @@ def plot_miou(frame: pd.DataFrame, metric: str, title: str, method_order: Sequen
         axis.errorbar(x, stats["mean"], yerr=stats["std"].fillna(0.0), marker="o", capsize=3, label=method)
     axis.set_xscale("log")
     if budgets:
-        axis.set_xticks([position[b] for b in budgets], [_budget_name(b) for b in budgets])
+        axis.set_xticks([position[b] for b in budgets], [budget_name(b) for b in budgets])
         axis.minorticks_off()
     axis.set_xlabel("labeled images")
     axis.set_ylabel("mIoU (%)")
@@ -248,7 +278,8 @@ def write_report(
         text = f"no results under {', '.join(map(str, dirs))}\n"
         print(text, file=stream, end="")
         return text
-    atomic_write_text(out / "runs.csv", frame.to_csv(index=False))
+    runs = frame.assign(labels=frame["labels"].map(budget_name))  # `all` by name, as the tables say
+    atomic_write_text(out / "runs.csv", runs.to_csv(index=False))
     seeds = ",".join(map(str, sorted(frame["seed"].unique())))
     header = (
         f"Dataset {_describe(frame['dataset'])}, profile {_describe(frame['profile'])}: {METRICS[metric]} (%), "
@@ -261,7 +292,7 @@ def write_report(
     failed = frame[frame["status"] != "ok"]
     if not failed.empty:
         parts += ["", f"{len(failed)} failed run(s), left out of the means:"]
-        parts += [f"- {r.method} labels={r.labels} seed={r.seed}: {r.error}" for r in failed.itertuples()]
+        parts += [f"- {r.method} labels={budget_name(r.labels)} seed={r.seed}: {r.error}" for r in failed.itertuples()]
     mixed = frame.groupby("method")["settings_hash"].nunique()
     if (mixed > 1).any():
         parts += ["", f"Warning: runs made with different settings are mixed for {sorted(mixed[mixed > 1].index)} "

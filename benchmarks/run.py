@@ -3,6 +3,7 @@
     python benchmarks/run.py --method reco --labels 5,15,60 --seeds 0,1,2
     python benchmarks/run.py --method all --labels 5,15 --profile quick
     python benchmarks/run.py --method supervised,recon+supervised --labels 5,15,60 --seeds 0,1,2
+    python benchmarks/run.py --method supervised,mean_teacher --labels 5,15,60,all
     python benchmarks/run.py --method supervised,reco --dataset pascal_voc --data-root VOC2012 \\
         --labels 60,200 --profile paper --trainer.precision bf16-mixed
 
@@ -12,6 +13,10 @@ a test split of its own. A run lives in ``<out>/runs/<method>/labels<N>/seed<S>/
 checkpoints, resolved config, split, ``result.json``). The grid is resumable: finished runs are
 skipped, interrupted ones resume from ``checkpoints/last.ckpt``. Tables and the plot come from
 ``benchmarks/report.py`` (``runs.csv``, ``summary.md``, ``miou_vs_labels.png`` in ``<out>``).
+
+The budget ``all`` labels every image of the train pool (``--data.num_labeled 0``; semi-supervised
+methods then also have every image on their unlabeled stream). Its runs live in ``labelsall/``,
+and ``runs.csv`` and the tables call it ``all``.
 
 ``<pretraining>+<method>`` (e.g. ``recon+supervised``; ``<pretraining>`` is a method with
 ``pretraining_only``) is a two-stage method: first ``<pretraining>`` trains once per seed on every
@@ -113,6 +118,10 @@ PER_RUN_KEYS = (
 GRID_KEYS = (("seed_everything",), ("data", "seed"), ("data", "num_labeled"), ("model", "init_args", "init_from"))
 
 
+# `--labels all`: every image of the train pool labeled, as `data.num_labeled` spells it.
+ALL_LABELS = 0
+
+
 class GridError(Exception):
     """Bad grid arguments, or a result directory made by a different command."""
 
@@ -136,7 +145,7 @@ class RunSpec:
 
     @property
     def name(self) -> str:
-        cell = "pretraining" if self.pretraining else f"labels={self.labels}"
+        cell = "pretraining" if self.pretraining else f"labels={budget_name(self.labels)}"
         return f"[{self.index}/{self.total}] {self.method} {cell} seed={self.seed}"
 
     @property
@@ -250,6 +259,41 @@ def parse_ints(text: str, option: str) -> list[int]:
     return list(dict.fromkeys(values))
 
 
+def budget_name(labels: int) -> str:
+    """A label budget as directories and tables name it: ``15``, or ``all`` for `ALL_LABELS`."""
+    return "all" if labels == ALL_LABELS else str(labels)
+
+
+def parse_budget(value: int | str) -> int:
+    """A budget written as `budget_name` does (``15``, ``"15"``, ``"all"``) as ``data.num_labeled`` takes it.
+
+    Raises ``ValueError`` for anything else, negative numbers included.
+    """
+    text = str(value).strip()
+    if text == "all":
+        return ALL_LABELS
+    budget = int(text)
+    if budget < 0:
+        raise ValueError(f"negative label budget {budget}")
+    return budget
+
+
+def run_directory(out: Path, method: str, labels: int, seed: int) -> Path:
+    """Where a grid run lives: ``<out>/runs/<method>/labels<budget name>/seed<seed>``."""
+    return out / "runs" / method / f"labels{budget_name(labels)}" / f"seed{seed}"
+
+
+def parse_budgets(text: str) -> list[int]:
+    """The ``--labels`` option: comma-separated budgets, ``all`` among them or alone."""
+    try:
+        values = [parse_budget(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values:
+        raise GridError(f"--labels {text!r}: expected comma-separated integers >= 1 or 'all', e.g. 5,15,60,all")
+    return list(dict.fromkeys(values))
+
+
 def resolve_methods(text: str) -> list[str]:
     """``all``, one method name or a comma list; names are checked against ``src.pl_modules.METHODS``.
 
@@ -321,7 +365,7 @@ def _fit_and_test(train_args: list[str]) -> int:
     from jsonargparse import ArgumentError
 
     from src.datasets import DatasetError
-    from src.train import main, one_line, run_summary
+    from src.train import fit_metrics, main, one_line, run_summary
 
     sys.argv = [sys.argv[0]]  # the arguments go in `args` (LightningCLI warns when both are given)
     try:
@@ -333,9 +377,10 @@ def _fit_and_test(train_args: list[str]) -> int:
     run_dir = Path(trainer.log_dir or trainer.default_root_dir)
     # The checkpoint's monitor is a metric every validation logs (val/miou, or val/loss for recon).
     monitor = getattr(trainer.checkpoint_callback, "monitor", None) or "val/miou"
-    if monitor not in trainer.callback_metrics:
+    if monitor not in fit_metrics(trainer, cli.model):
         # Resumed from a checkpoint of the final step (the run ended, its result did not get
-        # written): fit had nothing to do, so evaluate that checkpoint for the last-step metrics.
+        # written), fit had nothing to do and reports what that checkpoint recorded; a checkpoint
+        # that recorded no metrics (an older one) is evaluated for the last-step metrics.
         started = time.time()
         trainer.validate(cli.model, datamodule=datamodule, ckpt_path=str(run_dir / "checkpoints" / "last.ckpt"))
         atomic_write_json(run_dir / "metrics.json", run_summary(trainer, cli.model, time.time() - started))
@@ -717,7 +762,7 @@ def run_grid(
     out = Path(out if out is not None else default_out(dataset, profile)).resolve()
     out.mkdir(parents=True, exist_ok=True)
     specs = [
-        RunSpec(0, 0, m, n, s, out / "runs" / m / f"labels{n}" / f"seed{s}")
+        RunSpec(0, 0, m, n, s, run_directory(out, m, n, s))
         for m in methods for n in labels for s in seeds
     ]
     for spec in specs:
@@ -837,7 +882,10 @@ def build_parser() -> argparse.ArgumentParser:
         allow_abbrev=False,
     )
     parser.add_argument("--method", default="all", help="a method name, a comma list, or 'all' (default)")
-    parser.add_argument("--labels", default="5,15,60", help="label budgets, comma-separated (default 5,15,60)")
+    parser.add_argument(
+        "--labels", default="5,15,60",
+        help="label budgets, comma-separated; 'all' labels every train image (default 5,15,60)",
+    )
     parser.add_argument("--seeds", default="0", help="seeds, comma-separated (default 0)")
     parser.add_argument("--dataset", default="synthetic", choices=DATASETS)
     parser.add_argument("--data-root", default=None, help="dataset folder (all but synthetic)")
@@ -861,7 +909,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         records = run_grid(
             resolve_methods(args.method),
-            parse_ints(args.labels, "--labels"),
+            parse_budgets(args.labels),
             parse_ints(args.seeds, "--seeds"),
             dataset=args.dataset,
             data_root=args.data_root,

@@ -11,8 +11,10 @@ import pandas as pd
 import pytest
 
 from benchmarks.report import (
-    _method_order, format_cell, main, method_curves, runs_frame, suite_order, summary_table, write_report,
+    _method_order, budget_positions, format_cell, load_frame, main, method_curves, runs_frame, suite_order,
+    summary_table, write_report,
 )
+from benchmarks.run import ALL_LABELS, budget_name
 
 
 def record(method: str, labels: int, seed: int, miou: float | None, status: str = "ok", **extra: Any) -> dict[str, Any]:
@@ -23,6 +25,7 @@ def record(method: str, labels: int, seed: int, miou: float | None, status: str 
         "status": status,
         "error": None if status == "ok" else "exit code 1\nValueError: data.num_labeled=9999 is too large",
         "val_miou_last": miou,
+        "val_miou_at_80pct": None if miou is None else miou - 2.0,
         "val_miou_best": None if miou is None else miou + 1.0,
         "test_miou": None if miou is None else miou - 1.0,
         "steps": 1500,
@@ -37,7 +40,8 @@ def record(method: str, labels: int, seed: int, miou: float | None, status: str 
 
 def write_runs(directory: Path, records: list[dict[str, Any]], methods: list[str] | None = None) -> Path:
     for r in records:
-        path = directory / "runs" / r["method"] / f"labels{r['labels']}" / f"seed{r['seed']}" / "result.json"
+        run = f"{r['method']}/labels{budget_name(r['labels'])}/seed{r['seed']}"
+        path = directory / "runs" / run / "result.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(r))
     if methods:
@@ -154,3 +158,47 @@ def test_committed_runs_csv_combines_with_new_runs(tmp_path: Path) -> None:
     assert "| supervised | 42.0 ± 2.0 | 51.0 ± 1.4 (n=2) |" in text
     assert "| reco | 62.0 ± 2.8 (n=2, 1 failed) | 74.3 ± 4.9 |" in text
     assert "val_iou/background" in runs.columns
+
+
+def test_budget_all_is_named_all_and_comes_last(tmp_path: Path) -> None:
+    records = [
+        record("supervised", ALL_LABELS, 0, 80.0), record("supervised", 15, 0, 50.0), record("supervised", 5, 0, 40.0),
+        record("reco", ALL_LABELS, 0, None, status="failed"), record("reco", 5, 0, 60.0),
+    ]
+    directory = write_runs(tmp_path / "res", records)
+    assert (directory / "runs" / "supervised" / "labelsall" / "seed0" / "result.json").is_file()
+    text = write_report([directory], directory, stream=io.StringIO())
+    assert "| method | 5 | 15 | all |" in text
+    assert "| supervised | 40.0 | 50.0 | 80.0 |" in text and "| reco | 60.0 | – | – (n=0, 1 failed) |" in text
+    assert "- reco labels=all seed=0:" in text
+    runs = pd.read_csv(directory / "runs.csv", dtype={"labels": str})
+    assert runs[["method", "labels"]].values.tolist() == [
+        ["reco", "5"], ["reco", "all"], ["supervised", "5"], ["supervised", "15"], ["supervised", "all"],
+    ]
+    # Read back from runs.csv alone (the run directories gone), `all` is the same budget again.
+    for path in (directory / "runs").rglob("result.json"):
+        path.unlink()
+    frame = load_frame([directory])
+    assert frame["labels"].tolist() == [5, ALL_LABELS, 5, 15, ALL_LABELS]
+    assert list(summary_table(frame, "val_miou_last").columns) == [5, 15, ALL_LABELS]
+    # On the plot's log axis `all` is one step right of the largest budget.
+    assert budget_positions([5, 60, ALL_LABELS]) == {5: 5.0, 60: 60.0, ALL_LABELS: 120.0}
+    assert budget_positions([ALL_LABELS]) == {ALL_LABELS: 2.0}
+
+
+def test_runs_csv_has_val_miou_at_80pct_and_older_tables_without_it_still_load(tmp_path: Path) -> None:
+    runs = runs_frame(RECORDS).set_index(["method", "labels", "seed"])
+    assert runs.loc[("supervised", 5, 0), "val_miou_at_80pct"] == 38.0
+    assert pd.isna(runs.loc[("reco", 5, 1), "val_miou_at_80pct"])  # failed
+    # A table written before the column existed, its run directories gone.
+    old = tmp_path / "old"
+    old.mkdir()
+    runs_frame(RECORDS).drop(columns="val_miou_at_80pct").to_csv(old / "runs.csv", index=False)
+    frame = load_frame([old])
+    assert len(frame) == len(RECORDS) and frame["val_miou_at_80pct"].isna().all()
+    new = write_runs(tmp_path / "new", [record("supervised", 60, 0, 70.0)])
+    text = write_report([old, new], tmp_path / "all", stream=io.StringIO())
+    assert "| supervised | 42.0 ± 2.0 | 51.0 ± 1.4 (n=2) | 70.0 (n=1) |" in text
+    combined = pd.read_csv(tmp_path / "all" / "runs.csv")
+    assert combined.loc[combined["labels"] == 60, "val_miou_at_80pct"].tolist() == [68.0]
+    assert combined["val_miou_at_80pct"].isna().sum() == len(RECORDS)

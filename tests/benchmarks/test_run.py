@@ -12,10 +12,12 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
 from benchmarks.run import (
+    ALL_LABELS,
     GridError,
     GridState,
     Running,
@@ -23,12 +25,16 @@ from benchmarks.run import (
     check_passthrough,
     config_hashes,
     encoder_weights,
+    budget_name,
     format_duration,
     main,
     method_args,
+    parse_budget,
+    parse_budgets,
     profile_args,
     resolve_methods,
     run_command,
+    run_directory,
     run_grid,
     show_progress,
 )
@@ -40,7 +46,7 @@ LONG = [*TINY, "--trainer.max_steps", "40", "--trainer.val_check_interval", "2"]
 
 
 def run_dir(out: Path, method: str, labels: int, seed: int = 0) -> Path:
-    return out / "runs" / method / f"labels{labels}" / f"seed{seed}"
+    return out / "runs" / method / f"labels{budget_name(labels)}" / f"seed{seed}"
 
 
 def result(out: Path, method: str, labels: int, seed: int = 0) -> dict:
@@ -93,8 +99,11 @@ def test_grid_runs_skips_finished_and_redoes_a_missing_result(tmp_path: Path) ->
     redone = result(out, "supervised", 10)
     assert redone["status"] == "ok" and redone["steps"] == 4
     assert redone["resumed_from"]["checkpoint"].endswith("checkpoints/last.ckpt")  # it had a checkpoint
-    # Not bit-equal to the first attempt: the training streams restart on resume (Lightning warns).
-    assert 0.0 <= redone["val_miou_last"] <= 100.0
+    # That checkpoint is from after the final validation: nothing is validated again, the summary
+    # is the one it recorded.
+    for key in ("val_miou_last", "val_miou_at_80pct", "val_history", "val_iou_last", "metrics", "best_checkpoint"):
+        assert redone[key] == records[1][key], key
+
 
 
 def test_recon_pretrains_once_per_seed_and_initialises_every_budget(tmp_path: Path) -> None:
@@ -137,6 +146,44 @@ def test_recon_pretrains_once_per_seed_and_initialises_every_budget(tmp_path: Pa
     assert json.loads((failed_out / "pretrain" / "recon" / "seed0" / "result.json").read_text())["status"] == "failed"
     assert again[0]["status"] == "failed" and "its pretraining failed" in again[0]["error"]
     assert not (Path(again[0]["run_dir"]) / "train.log").exists()
+
+
+def test_labels_all_is_the_last_budget_name_and_its_own_run_directory(tmp_path: Path) -> None:
+    assert parse_budgets("5,15,60,all") == [5, 15, 60, ALL_LABELS]
+    assert parse_budgets("all") == parse_budgets(" all ") == parse_budgets("0") == [ALL_LABELS]
+    assert parse_budgets("all,5,all") == [ALL_LABELS, 5]
+    assert parse_budget("all") == parse_budget(0) == ALL_LABELS and parse_budget("15") == parse_budget(15) == 15
+    for bad in ("", "5,x", "-1", "5,al", "1.5"):
+        with pytest.raises(GridError, match="comma-separated integers >= 1 or 'all'"):
+            parse_budgets(bad)
+    assert budget_name(ALL_LABELS) == "all" and budget_name(15) == "15"
+    runs = tmp_path / "runs"
+    assert run_directory(tmp_path, "supervised", ALL_LABELS, 2) == runs / "supervised" / "labelsall" / "seed2"
+    assert run_directory(tmp_path, "reco", 15, 0) == runs / "reco" / "labels15" / "seed0"
+    spec = RunSpec(3, 4, "supervised", ALL_LABELS, 1, tmp_path / "run")
+    assert spec.name == "[3/4] supervised labels=all seed=1"
+    command = run_command(spec, [], resume=None)
+    assert command[command.index("--data.num_labeled") + 1] == "0"  # the datamodule's "every image"
+
+
+def test_labels_all_runs_supervised_and_semi_supervised_methods(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    stream = io.StringIO()
+    records = run_grid(["supervised", "mean_teacher"], [ALL_LABELS], out=out, extra_args=TINY, workers=2,
+                       poll_s=0.2, stream=stream)
+    assert [(r["method"], r["labels"], r["status"]) for r in records] == [
+        ("supervised", ALL_LABELS, "ok"), ("mean_teacher", ALL_LABELS, "ok"),
+    ]
+    for record in records:
+        assert Path(record["run_dir"]) == run_dir(out, record["method"], ALL_LABELS)
+        split = json.loads((Path(record["run_dir"]) / "split.json").read_text())
+        assert len(split["labeled_ids"]) == 40  # every train image of the smoke data
+        # 4 steps validated every 2: the validation nearest to step 3.2 is the final one.
+        assert [entry["step"] for entry in record["val_history"]] == [2, 4]
+        assert record["val_miou_at_80pct"] == record["val_miou_last"] == record["val_history"][-1]["miou"]
+    assert "[2/2] mean_teacher labels=all seed=0  ok" in stream.getvalue()
+    assert "| method | all |" in (out / "summary.md").read_text()
+    assert set(pd.read_csv(out / "runs.csv")["labels"]) == {"all"}
 
 
 def test_method_names() -> None:
