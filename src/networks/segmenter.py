@@ -34,6 +34,8 @@ from timm.models._builder import _resolve_pretrained_source
 from timm.models._hub import hf_split
 from torch import Tensor, nn
 
+from src.networks.source_encoder import SOURCE_WEIGHTS, source_encoder
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # The encoder_weights name of timm's default pretrained tag (for most models an ImageNet one).
@@ -171,8 +173,9 @@ def create_smp_model(arch: str, encoder_name: str, encoder_weights: str | None =
     Args:
         arch: smp architecture name (case-insensitive).
         encoder_name: smp encoder name (``resnet18``) or a timm one (``tu-resnet10t``).
-        encoder_weights: None for random init, a name from `weight_names` (looked up first), or the
-            path of a local encoder (or whole-model) state dict (see `load_encoder_weights`).
+        encoder_weights: None for random init, ``synthetic-source`` (the embedded benchmark's
+            pretrained encoder, `src.networks.source_encoder`), a name from `weight_names` (looked up
+            first), or the path of a local encoder (or whole-model) state dict (see `load_encoder_weights`).
         **kwargs: Further arguments of ``smp.create_model`` (``classes``, architecture options).
     """
     if arch.lower() not in smp.MODEL_ARCHITECTURES_MAPPING:
@@ -180,13 +183,17 @@ def create_smp_model(arch: str, encoder_name: str, encoder_weights: str | None =
     _check_encoder(encoder_name)
     if encoder_weights is None:
         return smp.create_model(arch.lower(), encoder_name=encoder_name, encoder_weights=None, **kwargs)
+    if encoder_weights == SOURCE_WEIGHTS:
+        # The embedded benchmark's own pretrained encoder: trained once for this network, then cached.
+        options = {k: v for k, v in kwargs.items() if k != "classes"}
+        encoder_weights = str(source_encoder(arch, encoder_name, options))
     names = weight_names(encoder_name)
     if encoder_weights in names:
         return _pretrained_model(arch.lower(), encoder_name, encoder_weights, **kwargs)
     if not Path(encoder_weights).is_file():
         raise ValueError(
             f"encoder_weights={encoder_weights!r} for {encoder_name}: expected None, the path of a local "
-            f"weights file (none there), or a weight name for this encoder: {names}"
+            f"weights file (none there), {SOURCE_WEIGHTS!r}, or a weight name for this encoder: {names}"
         )
     model = smp.create_model(arch.lower(), encoder_name=encoder_name, encoder_weights=None, **kwargs)
     load_encoder_weights(model, encoder_weights)
@@ -224,7 +231,8 @@ class Segmenter(nn.Module):
         encoder_weights: None for random init; a weight name smp or timm knows for the encoder
             (``imagenet``, ``ssl``, ``swsl`` for smp's; ``imagenet``, timm's default tag, or a
             timm pretrained tag such as ``a1_in1k`` for ``tu-`` ones), loaded through their own
-            caches; or the path of a local weights file.
+            caches; ``synthetic-source``, the embedded benchmark's pretrained encoder
+            (`src.networks.source_encoder`); or the path of a local weights file.
         model_options: Extra keyword arguments for the smp architecture
             (e.g. ``decoder_channels``, ``encoder_depth``).
     """
