@@ -40,8 +40,25 @@ def test_palette_and_grid():
     assert tuple(colours[1]) == (128, 0, 0) and tuple(colours[255]) == (255, 255, 255)
     images = torch.rand(2, 3, 8, 10)
     masks = torch.zeros(2, 8, 10, dtype=torch.long)
-    grid = prediction_grid([(images, masks, masks), (images[:1], masks[:1], masks[:1])], num_classes=3)
+    grid = prediction_grid([(images, masks, masks), (images[:1], masks[:1], masks[:1])], num_classes=3, min_size=1)
     assert grid.shape == (3, 8 * 3, 10 * 3)
+
+
+def test_grid_tiles_are_enlarged_nearest_to_at_least_128_pixels():
+    images = torch.rand(1, 3, 64, 48)
+    labels = torch.randint(0, 3, (1, 64, 48))
+    confident = labels == 1
+    # image | pseudo-label | confidence mask | ground truth; the shorter side 48 becomes 144.
+    grid = prediction_grid([(images, labels, confident, labels)], num_classes=3)
+    assert grid.shape == (3, 64 * 3, 48 * 3 * 4)
+    tiles = grid.split(48 * 3, dim=2)
+
+    def enlarged(tile):
+        return tile.repeat_interleave(3, dim=-2).repeat_interleave(3, dim=-1)
+
+    assert torch.equal(tiles[0], enlarged(images[0]))
+    assert torch.equal(tiles[2], enlarged(confident.float().expand(3, 64, 48)))  # white where confident
+    assert torch.equal(tiles[1], tiles[3])
 
 
 def _fast_path_module(**kwargs):
