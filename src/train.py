@@ -110,6 +110,8 @@ def run_summary(trainer: pl.Trainer, model: SemiSupervisedModule, wall_time_s: f
         "val_miou_best": float(model.best_miou),
         "best_step": int(model.best_step),
         "val_iou_last": dict(zip(model.class_names, _floats(last_iou))) if last_iou is not None else {},
+        # The last pseudo-label diagnostics, for methods with an unlabeled loss: diag/mask_ratio -> diag_mask_ratio.
+        **{name.replace("/", "_"): value for name, value in metrics.items() if name.startswith("diag/")},
         "metrics": metrics,
         "val_history": [{"step": step, "miou": miou} for step, miou in history],
         "best_checkpoint": str(checkpoint.best_model_path) if checkpoint else None,

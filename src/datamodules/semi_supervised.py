@@ -9,6 +9,7 @@ labeled stream, so the supervised baseline pays nothing for the other.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from src.datamodules.transforms import eval_transform, labeled_transform, unlabeled_transform
 from src.datasets import DATASETS, DatasetError, SegmentationDataset, get_dataset
 from src.datasets.splits import partial_mask, partial_rng, select_labeled, write_split
-from src.datasets.views import LabeledView, UnlabeledView, pad_collate
+from src.datasets.views import LabeledView, UnlabeledView, pad_collate, pad_collate_with_valid
 
 PARTIAL_MODES = ("p0", "p1", "p5", "p25")
 
@@ -100,6 +101,9 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
         train_split: Split of the train pool (labeled and unlabeled images), e.g. ``train_aug`` for VOC.
         val_split: Split used for validation.
         test_split: Split used by ``test``.
+        num_diagnostic_images: How many images of the unlabeled pool with ground truth (the first
+            ones, in pool order) every validation labels with the method's pseudo-labeller for the
+            ``diag/`` scores (`src.pl_modules.diagnostics`); their labels serve nothing else. 0: off.
     """
 
     def __init__(
@@ -125,6 +129,7 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
         train_split: str = "train",
         val_split: str = "val",
         test_split: str = "test",
+        num_diagnostic_images: int = 64,
     ) -> None:
         super().__init__()
         if partial_labels is not None and partial_labels not in PARTIAL_MODES:
@@ -135,6 +140,8 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
                 raise ValueError(f"data.{name} must be >= 1, got {value}")
         if num_workers < 0:
             raise ValueError(f"data.num_workers must be >= 0, got {num_workers}")
+        if num_diagnostic_images < 0:
+            raise ValueError(f"data.num_diagnostic_images must be >= 0 (0 = off), got {num_diagnostic_images}")
         self.save_hyperparameters()
         self.dataset_name = dataset
         self.dataset_kwargs = {"root": root, **(dataset_options or {})}
@@ -285,6 +292,29 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._eval_loader(self.test_set)
+
+    def diagnostic_indices(self) -> list[int]:
+        """The first ``num_diagnostic_images`` images of the unlabeled pool that have ground truth, in pool order."""
+        with_mask = (i for i in self.unlabeled_indices if self.train_set.has_mask(i))
+        return list(itertools.islice(with_mask, self.hparams.num_diagnostic_images))
+
+    def diagnostic_dataloader(self) -> DataLoader | None:
+        """The diagnostic images, un-augmented (eval transform), with ground truth and ``valid``; None if none.
+
+        Every rank reads them all; they are read in this process (a few dozen images per validation).
+        """
+        indices = self.diagnostic_indices()
+        if not indices:
+            return None
+        view = LabeledView(self.train_set, indices, eval_transform(self.hparams.eval_resize))
+        return DataLoader(
+            view,
+            batch_size=self.hparams.val_batch_size,
+            shuffle=False,
+            num_workers=0,
+            collate_fn=pad_collate_with_valid,
+            generator=torch.Generator(),  # iterating leaves the global RNG alone
+        )
 
 
 

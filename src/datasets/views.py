@@ -135,3 +135,13 @@ def pad_collate(samples: list[dict[str, Tensor]]) -> dict[str, Tensor]:
         batch["mask"] = masks
     batch["index"] = torch.stack([s["index"] for s in samples])
     return batch
+
+
+def pad_collate_with_valid(samples: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    """`pad_collate`, plus ``"valid"``: (B, H, W) bool, True on image pixels and False on the padding."""
+    batch = pad_collate(samples)
+    valid = torch.zeros(batch["image"].shape[0], *batch["image"].shape[-2:], dtype=torch.bool)
+    for i, s in enumerate(samples):
+        valid[i, : s["image"].shape[-2], : s["image"].shape[-1]] = True
+    batch["valid"] = valid
+    return batch

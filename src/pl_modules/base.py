@@ -13,6 +13,7 @@ import copy
 from abc import ABC, abstractmethod
 import math
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassConfusionMatrix
 
 from src.networks import RepresentationHead, Segmenter
+from src.pl_modules.diagnostics import pseudo_label_counts, training_state_kept
 from src.pl_modules.ops import ema_decay, ema_update
 from src.pl_modules.visualize import prediction_grid
 from src.utils import scalar_metrics
@@ -50,6 +52,24 @@ def iou_from_confusion(confusion: Tensor) -> tuple[Tensor, Tensor]:
     return iou, accuracy
 
 
+def diagnostic_scores(counts: dict[str, Tensor]) -> dict[str, float]:
+    """The ``diag/`` scores (`src.pl_modules.diagnostics`) from summed `pseudo_label_counts`.
+
+    Accuracies and the mask ratio are fractions, the mIoU is in percent; a score with nothing
+    to count (no labelled pixel, none inside the mask) is NaN, not 0.
+    """
+    iou, accuracy = iou_from_confusion(counts["confusion"])
+    _, mask_accuracy = iou_from_confusion(counts["confusion_confident"])
+    nan = float("nan")
+    labelled = bool(counts["confusion"].sum() > 0)
+    return {
+        "pseudo_acc": float(accuracy) if labelled else nan,
+        "pseudo_miou": _mean_iou(iou) if labelled else nan,
+        "mask_ratio": float(counts["confident"] / counts["pixels"]) if counts["pixels"] > 0 else nan,
+        "mask_acc": float(mask_accuracy) if counts["confusion_confident"].sum() > 0 else nan,
+    }
+
+
 class SemiSupervisedModule(pl.LightningModule, ABC):
     """Base of every method: networks, EMA teacher, optimizer, evaluation and logging.
 
@@ -73,7 +93,9 @@ class SemiSupervisedModule(pl.LightningModule, ABC):
             score is logged as ``val/miou_student`` either way.
         eval_mode: ``whole`` (full image at once) or ``sliding`` (windows of ``eval_window``, stride 2/3 of it).
         eval_window: Sliding-window size (the CLI links it to the training crop size).
-        log_images_every_n_val: Log an image | ground truth | prediction grid every N validations (0 = never).
+        log_images_every_n_val: Log an image | ground truth | prediction grid every N validations (0 = never),
+            and for methods with an unlabeled loss an image | pseudo-label | confidence mask | ground truth
+            grid of the diagnostic images (``diag/pseudo_labels``).
         num_log_images: Rows in that grid.
         representation_dim: Output dimension of the representation head (methods that use one).
         scale_range: Random rescale range of batch-level augmentation of unlabeled images (the CLI links
@@ -192,6 +214,21 @@ class SemiSupervisedModule(pl.LightningModule, ABC):
         confidences, pseudo_labels = probs.max(dim=1)
         return probs, confidences, pseudo_labels
 
+    @torch.no_grad()
+    def pseudo_labels(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """This method's pseudo-labels for unlabeled ``images`` and the pixels its confidence rule keeps.
+
+        Each method with an unlabeled loss overrides it with its rule, through the code its loss
+        uses: teacher-based methods label with the teacher in its ``teacher_bn`` mode; teacher-free
+        ones (FixMatch, UniMatch) with the student itself, in eval mode, so that their labeller's
+        validation mIoU is ``val/miou``. It may update BatchNorm statistics and draw random numbers
+        (a train-mode teacher does); `pseudo_label_diagnostics` puts them back.
+
+        Returns:
+            Pseudo-labels (B, H, W) long and the confidence mask (B, H, W) bool.
+        """
+        raise NotImplementedError(f"{type(self).__name__} makes no pseudo-labels (uses_unlabeled = False)")
+
     def supervised_loss(self, logits: Tensor, masks: Tensor) -> Tensor:
         """Mean cross-entropy over labeled pixels; 0 (graph kept) if a batch has none (sparse labels)."""
         # Sum over labeled pixels / their count (at least 1): the mean, without a host sync to test for none.
@@ -243,6 +280,60 @@ class SemiSupervisedModule(pl.LightningModule, ABC):
         if self.hparams.eval_mode == "whole":
             return network(images)
         return sliding_window_logits(network, images, self.hparams.eval_window, self.num_classes)
+
+    def on_validation_epoch_start(self) -> None:
+        """Log the ``diag/`` scores of the pseudo-labels (`src.pl_modules.diagnostics`) before validating."""
+        loader = self.diagnostic_loader()
+        if loader is None:
+            return
+        batches = (self.on_after_batch_transfer(self.transfer_batch_to_device(b, self.device, 0), 0) for b in loader)
+        with self.trainer.precision_plugin.forward_context():
+            scores, preview = self.pseudo_label_diagnostics(batches)
+        self.log_dict({f"diag/{name}": value for name, value in scores.items()}, sync_dist=True)
+        if preview is not None and self._should_log_images():
+            self._log_grid("diag/pseudo_labels", [preview])
+
+    def diagnostic_loader(self) -> Iterable[dict[str, Tensor]] | None:
+        """The datamodule's ``diagnostic_dataloader()`` for a method with an unlabeled loss, else None."""
+        if not self.uses_unlabeled or self.trainer.sanity_checking:
+            return None
+        make_loader = getattr(self.trainer.datamodule, "diagnostic_dataloader", None)
+        return make_loader() if make_loader is not None else None
+
+    @torch.no_grad()
+    def pseudo_label_diagnostics(
+        self, batches: Iterable[dict[str, Tensor]]
+    ) -> tuple[dict[str, float], tuple[Tensor, ...] | None]:
+        """Scores of `pseudo_labels` against the ground truth of ``batches``, leaving training as it was.
+
+        Every buffer (the teacher's BatchNorm statistics, C3's class thresholds), every module's
+        mode and torch's random state are the same after the call as before it.
+
+        Args:
+            batches: Un-augmented images (float, on the device) with their ``mask`` (ground truth)
+                and optionally ``valid`` (B, H, W) bool, False on batch padding.
+
+        Returns:
+            The scores by name (`diagnostic_scores`; empty without a batch) and, for the image grid,
+            (images, pseudo-labels, confidence mask, ground truth) of the first batch's first
+            ``num_log_images`` images on the CPU (None without a batch).
+        """
+        totals: dict[str, Tensor] = {}
+        preview = None
+        with training_state_kept(self, self.device):
+            for batch in batches:
+                images, targets = batch["image"], batch["mask"]
+                valid = batch.get("valid", torch.ones_like(targets, dtype=torch.bool))
+                pseudo_labels, confidence_mask = self.pseudo_labels(images)
+                counts = pseudo_label_counts(
+                    pseudo_labels, confidence_mask, targets, valid, self.num_classes, self.ignore_index
+                )
+                for name, count in counts.items():
+                    totals[name] = totals[name] + count if name in totals else count
+                if preview is None:
+                    n = self.hparams.num_log_images
+                    preview = tuple(t[:n].cpu() for t in (images, pseudo_labels, confidence_mask, targets))
+        return (diagnostic_scores(totals) if totals else {}), preview
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         images, masks = batch["image"], batch["mask"]
@@ -321,7 +412,7 @@ class SemiSupervisedModule(pl.LightningModule, ABC):
             and self._num_validations % every == 0
         )
 
-    def _log_grid(self, tag: str, rows: list[tuple[Tensor, Tensor, Tensor]]) -> None:
+    def _log_grid(self, tag: str, rows: list[tuple[Tensor, ...]]) -> None:
         grid = prediction_grid(rows, self.num_classes, self.ignore_index)
         self.logger.experiment.add_image(tag, grid, self.global_step)
 

@@ -267,6 +267,19 @@ class C3SemiSeg(SemiSupervisedModule):
             self.hparams.temperature, self.ignore_index, self.hparams.exclude_class_zero,
         )
 
+    def confident(self, confidences: Tensor, pseudo_labels: Tensor) -> Tensor:
+        """The kept pixels M of step 4 (bool): above their class's current threshold, or all without them."""
+        if not self.hparams.dynamic_threshold:
+            return torch.ones_like(confidences, dtype=torch.bool)
+        return class_balanced_mask(confidences, pseudo_labels, self.class_thresholds)
+
+    @torch.no_grad()
+    def pseudo_labels(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """The teacher's argmax (`teacher_outputs`) and `confident` with the current thresholds (not updated)."""
+        probs, _ = self.teacher_outputs(images, with_embeddings=False)
+        confidences, pseudo_labels = probs.max(dim=1)
+        return pseudo_labels, self.confident(confidences, pseudo_labels)
+
     def threshold_logs(self) -> dict[str, Tensor]:
         """The per-class thresholds as ``threshold/<class name>`` entries (logged as ``train/threshold/...``)."""
         return {f"threshold/{name}": t for name, t in zip(self.class_names, self.class_thresholds.clone().unbind())}
@@ -286,10 +299,9 @@ class C3SemiSeg(SemiSupervisedModule):
         strong = colour_jitter(weak, p=1.0, brightness=0.5, contrast=0.5, saturation=0.5, hue=0.25)
         probs, embeddings = self.teacher_outputs(weak, with_embeddings)
         confidences, pseudo_labels = probs.max(dim=1)
-        kept = valid
         if self.hparams.dynamic_threshold:
             self.update_thresholds(confidences, pseudo_labels, valid)
-            kept = valid & class_balanced_mask(confidences, pseudo_labels, self.class_thresholds)
+        kept = valid & self.confident(confidences, pseudo_labels)
         # Partial labels: a given pixel's label replaces the teacher's prediction and always passes.
         known = given != self.ignore_index
         pseudo_labels = torch.where(known, given, pseudo_labels)

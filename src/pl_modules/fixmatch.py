@@ -204,6 +204,17 @@ class FixMatch(SemiSupervisedModule):
             self.student.train(was_training)
 
     @torch.no_grad()
+    def pseudo_labels(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """The student's eval-mode argmax (`predict_eval_mode`); confident from ``confidence_threshold`` on.
+
+        NOTE: the strong views learn the weak view's prediction from the train-mode forward of
+        ``[labeled; weak]`` (batch statistics); only the mix view is labelled in eval mode. Eval mode
+        makes the labeller the validated model, independent of the batch it is measured on.
+        """
+        confidences, pseudo_labels = self.predict_eval_mode(images)
+        return pseudo_labels, confidences >= self.hparams.confidence_threshold
+
+    @torch.no_grad()
     def make_views(self, unlabeled: dict[str, Tensor]) -> UnlabeledViews:
         images_u = unlabeled["image"]
         batch, _, height, width = images_u.shape

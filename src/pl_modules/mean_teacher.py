@@ -53,6 +53,15 @@ class MeanTeacher(SemiSupervisedModule):
         self.mix_mode = mix_mode
 
     @torch.no_grad()
+    def pseudo_labels(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """The teacher's argmax (in its ``teacher_bn`` mode), confident from ``strong_threshold`` on.
+
+        The confident pixels are those the per-image weight eta counts (METHODS.md 3 step 5).
+        """
+        _, confidences, pseudo_labels = self.teacher_predict(images)
+        return pseudo_labels, confidences >= self.hparams.strong_threshold
+
+    @torch.no_grad()
     def make_unlabeled_targets(self, unlabeled: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         """Teacher pseudo-labels on the raw crops, then rescale, mix and strong augmentation (no grad).
 

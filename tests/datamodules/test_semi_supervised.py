@@ -6,6 +6,7 @@ import torch
 from src.datamodules import SemiSupervisedDataModule, SupervisedDataModule
 from src.datamodules.semi_supervised import InfiniteSampler
 from src.datasets import DatasetError
+from tests.datasets.fixtures import make_folder_dataset
 
 TINY = {"image_size": 32, "num_train": 30, "num_val": 6, "num_test": 6}
 
@@ -133,3 +134,27 @@ def test_train_resize_shrinks_images_before_the_crop(tmp_path):
     mask = next(iter(shrunk))["mask"]
     assert mask.shape[-2:] == (24, 24)
     assert (mask[:, 16:, :] == 255).all() and (mask[:, :, 16:] == 255).all() and not (mask[:, :16, :16] == 255).any()
+
+
+def test_diagnostic_images_are_the_first_unlabeled_ones_unaugmented(tmp_path):
+    dm = datamodule(tmp_path, num_diagnostic_images=4, val_batch_size=3)
+    assert dm.diagnostic_indices() == dm.unlabeled_indices[:4]
+    batches = list(dm.diagnostic_dataloader())
+    assert [b["index"].tolist() for b in batches] == [dm.unlabeled_indices[:3], dm.unlabeled_indices[3:4]]
+    image, mask = dm.train_set[dm.unlabeled_indices[0]]
+    assert torch.equal(batches[0]["image"][0], torch.from_numpy(image).permute(2, 0, 1))  # full size, no augmentation
+    assert torch.equal(batches[0]["mask"][0], torch.from_numpy(mask).long())
+    assert batches[0]["valid"].all()
+    assert datamodule(tmp_path, num_diagnostic_images=0).diagnostic_dataloader() is None
+    with pytest.raises(ValueError, match="data.num_diagnostic_images"):
+        datamodule(tmp_path, num_diagnostic_images=-1)
+
+
+def test_diagnostic_images_are_unlabeled_images_with_ground_truth(tmp_path):
+    # Train pool: train_0..2 with a label file, train_u0 and train_u1 without.
+    root = make_folder_dataset(tmp_path / "data", num_unlabeled_train=2)
+    dm = datamodule(tmp_path, dataset="folder", root=str(root), dataset_options=None, num_labeled=1, crop_size=16,
+                    num_diagnostic_images=3)
+    chosen = [dm.train_set.ids[i] for i in dm.diagnostic_indices()]
+    assert len(chosen) == 2 and all(dm.train_set.has_mask(i) for i in dm.diagnostic_indices())
+    assert not set(dm.diagnostic_indices()) & set(dm.labeled_indices)

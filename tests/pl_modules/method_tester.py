@@ -6,11 +6,15 @@ A method's test sets ``method_cls`` (and ``init_kwargs`` if needed) and adds 1-3
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch import Tensor
 
 from src.pl_modules import SemiSupervisedModule
+from src.pl_modules.diagnostics import DIAGNOSTICS
 from src.pl_modules.ops import ema_decay, ema_update
 from src.train import main
 from tests.conftest import smoke_args
@@ -54,11 +58,47 @@ def losses_and_grads(module: SemiSupervisedModule, batch: dict) -> tuple[dict, l
     return {k: v.detach() for k, v in losses.items()}, grads
 
 
+class FixedLabeller(torch.nn.Module):
+    """A stand-in teacher (or student) whose logits are fixed, whatever the images."""
+
+    def __init__(self, logits: Tensor) -> None:
+        super().__init__()
+        self.logits = logits
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.logits
+
+    def forward_features(self, images: Tensor) -> tuple[Tensor, None]:
+        return self.logits, None
+
+
+def labeller_of(probs: Tensor) -> FixedLabeller:
+    """A labeller whose softmax is ``probs`` (B, C, H, W)."""
+    return FixedLabeller(probs.log())
+
+
+def probabilities(labels: Tensor, confidences: Tensor) -> Tensor:
+    """(B, C, H, W) probabilities: ``confidences`` on ``labels``, the rest shared by the other classes."""
+    one_hot = torch.nn.functional.one_hot(labels, NUM_CLASSES).permute(0, 3, 1, 2).float()
+    rest = ((1 - confidences) / (NUM_CLASSES - 1)).unsqueeze(1)
+    return one_hot * confidences.unsqueeze(1) + (1 - one_hot) * rest
+
+
 class MethodTester:
     method_cls: type[SemiSupervisedModule]
     init_kwargs: dict = {}
     # Options under which a random teacher's pseudo-labels count in the unlabeled loss.
     permissive_kwargs: dict = {"strong_threshold": 0.0}
+    # Options that make the method's confidence rule "confidence >= 0.6" (the hand-counted test).
+    threshold_kwargs: dict = {"strong_threshold": 0.6}
+
+    def make_with_labeller(self, labeller: torch.nn.Module, **kwargs) -> SemiSupervisedModule:
+        """The method with ``labeller`` as its pseudo-labelling network (teacher and student)."""
+        module = self.make(**kwargs)
+        module.student = labeller
+        if module.teacher is not None:
+            module.teacher = labeller
+        return module
 
     def make(self, **kwargs) -> SemiSupervisedModule:
         torch.manual_seed(0)
@@ -190,3 +230,72 @@ class MethodTester:
             assert torch.isfinite(metrics[key]), key
         if cli.model.teacher is not None:
             assert "val/miou_teacher" in metrics and "val/miou_student" in metrics
+        summary = json.loads((tmp_path / "run" / "metrics.json").read_text())
+        diagnostics = {k: v for k, v in summary.items() if k.startswith("diag_")}
+        # 32 px smoke scenes: tiles enlarged 4x to 128 px; 4 validation images (and a training example
+        # once the method has trained on unlabeled images).
+        images = EventAccumulator(str(tmp_path / "run"), size_guidance={"images": 0}).Reload().Images
+        shown = images("val/predictions")[0]
+        assert shown.width == 3 * 128 and shown.height in (4 * 128, 5 * 128)
+        if not cli.model.uses_unlabeled:
+            assert diagnostics == {} and not any(k.startswith("diag/") for k in metrics)
+            return
+        assert set(diagnostics) == {f"diag_{name}" for name in DIAGNOSTICS}
+        assert 0 <= diagnostics["diag_pseudo_acc"] <= 1 and 0 <= diagnostics["diag_mask_ratio"] <= 1
+        assert diagnostics["diag_pseudo_acc"] == pytest.approx(float(metrics["diag/pseudo_acc"]))
+        # image | pseudo-label | confidence mask | ground truth of the first 4 diagnostic images.
+        pseudo_labels = images("diag/pseudo_labels")[0]
+        assert (pseudo_labels.height, pseudo_labels.width) == (4 * 128, 4 * 128)
+
+    # ------------------------------------------------------------------ pseudo-label diagnostics
+    def test_diagnostics_of_a_labeller_that_outputs_the_ground_truth(self):
+        if not self.method_cls.uses_unlabeled:
+            pytest.skip("method makes no pseudo-labels")
+        targets = torch.randint(0, NUM_CLASSES, (2, 8, 8), generator=torch.Generator().manual_seed(0))
+        logits = 30.0 * torch.nn.functional.one_hot(targets, NUM_CLASSES).permute(0, 3, 1, 2).float()
+        targets[:, 0] = 255  # unknown ground truth counts nowhere
+        module = self.make_with_labeller(FixedLabeller(logits))
+        scores, _ = module.pseudo_label_diagnostics([{"image": torch.rand(2, 3, 8, 8), "mask": targets}])
+        assert scores == {"pseudo_acc": 1.0, "pseudo_miou": 100.0, "mask_ratio": 1.0, "mask_acc": 1.0}
+
+    def test_diagnostics_count_the_confidence_mask_by_hand(self):
+        if not self.method_cls.uses_unlabeled:
+            pytest.skip("method makes no pseudo-labels")
+        labels = torch.tensor([[[0, 1, 2], [2, 1, 0]], [[1, 1, 0], [0, 2, 2]]])
+        confidences = torch.tensor([[[0.9, 0.5, 0.7], [0.65, 0.4, 0.95]], [[0.35, 0.99, 0.61], [0.8, 0.55, 0.9]]])
+        targets = torch.tensor([[[0, 1, 1], [2, 255, 0]], [[0, 1, 0], [0, 2, 2]]])
+        valid = torch.ones_like(targets, dtype=torch.bool)
+        valid[1, :, 2] = False  # batch padding of a narrower second image
+        module = self.make_with_labeller(labeller_of(probabilities(labels, confidences)), **self.threshold_kwargs)
+        batch = {"image": torch.rand(2, 3, 2, 3), "mask": targets, "valid": valid}
+        scores, (images, shown_labels, shown_mask, shown_targets) = module.pseudo_label_diagnostics([batch])
+        # Confident (>= 0.6) image pixels: 0.9, 0.7, 0.65, 0.95 in the first image, 0.99, 0.8 in the
+        # second: 6 of 10. Labelled: 9 pixels, 7 right; 6 of them confident, 5 right.
+        assert scores["mask_ratio"] == pytest.approx(6 / 10)
+        assert scores["pseudo_acc"] == pytest.approx(7 / 9)
+        assert scores["mask_acc"] == pytest.approx(5 / 6)
+        assert torch.equal(shown_labels, labels) and torch.equal(shown_mask, confidences >= 0.6)
+        assert torch.equal(shown_targets, targets)
+
+    def test_diagnostics_leave_the_training_state_as_it_was(self):
+        if not self.method_cls.uses_unlabeled:
+            pytest.skip("method makes no pseudo-labels")
+        module = self.make(teacher_bn="train")
+        module.eval()  # as Lightning leaves it for validation
+        batch = {"image": torch.rand(2, 3, 32, 32), "mask": torch.randint(0, NUM_CLASSES, (2, 32, 32))}
+        state = copy.deepcopy(module.state_dict())
+        modes = [m.training for m in module.modules()]
+        rng = torch.get_rng_state()
+        scores, _ = module.pseudo_label_diagnostics([batch])
+        assert set(scores) == set(DIAGNOSTICS) and 0 <= scores["mask_ratio"] <= 1
+        assert torch.equal(torch.get_rng_state(), rng)
+        assert [m.training for m in module.modules()] == modes
+        for name, value in module.state_dict().items():
+            assert torch.equal(value, state[name]), name
+        if module.teacher is not None:
+            # Unprotected, the same rule moves the train-mode teacher's statistics and draws
+            # dropout masks: what the diagnostics must undo.
+            module.pseudo_labels(batch["image"])
+            assert not torch.equal(torch.get_rng_state(), rng)
+            moved = [k for k, v in module.state_dict().items() if k.startswith("teacher.") and not torch.equal(v, state[k])]
+            assert any("running_mean" in k for k in moved)

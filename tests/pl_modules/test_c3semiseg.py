@@ -5,7 +5,7 @@ import torch
 
 from src.pl_modules import C3SemiSeg
 from src.pl_modules.c3semiseg import projection_head, swap_halves
-from tests.pl_modules.method_tester import MethodTester, make_batch, tiny_kwargs
+from tests.pl_modules.method_tester import MethodTester, labeller_of, make_batch, probabilities, tiny_kwargs
 
 # The unlabeled phase from the first step, without ramp-up, so the contract covers every term.
 SEMI_NOW = {"unlabeled_start_step": 0, "consistency_ramp_up_steps": 0, "contrastive_ramp_up_steps": 0, "num_views": 4}
@@ -16,6 +16,7 @@ class TestC3SemiSeg(MethodTester):
     init_kwargs = SEMI_NOW
     # A threshold of 0 is replaced by the first quantile: the top 80 % of each class's pixels pass.
     permissive_kwargs = {"initial_threshold": 0.0}
+    threshold_kwargs = {"initial_threshold": 0.6}  # every class's threshold, not updated by the diagnostics
 
 
 def make(**kwargs) -> C3SemiSeg:
@@ -131,3 +132,17 @@ def test_invalid_options_are_rejected():
         make(end_percent=1.2)
     with pytest.raises(ValueError, match="num_views"):
         make(num_views=1)
+
+
+@pytest.mark.parametrize("dynamic_threshold", [True, False])
+def test_pseudo_labels_pass_their_class_threshold_which_stays_as_it_is(dynamic_threshold):
+    module = make(dynamic_threshold=dynamic_threshold)
+    module.class_thresholds.copy_(torch.tensor([0.5, 0.9, 0.7]))
+    labels = torch.tensor([[[0, 0, 1, 1, 2, 2]]])
+    confidences = torch.tensor([[[0.6, 0.4, 0.95, 0.8, 0.75, 0.65]]])
+    module.teacher = labeller_of(probabilities(labels, confidences))
+    pseudo_labels, confidence_mask = module.pseudo_labels(torch.rand(1, 3, 1, 6))
+    assert torch.equal(pseudo_labels, labels)
+    expected = [True, False, True, False, True, False] if dynamic_threshold else [True] * 6
+    assert confidence_mask.flatten().tolist() == expected
+    assert module.class_thresholds.tolist() == pytest.approx([0.5, 0.9, 0.7])

@@ -10,6 +10,7 @@ from tests.pl_modules.method_tester import MethodTester, make_batch, tiny_kwargs
 
 class TeacherFreeTester(MethodTester):
     permissive_kwargs = {"confidence_threshold": 0.0}
+    threshold_kwargs = {"confidence_threshold": 0.6}
 
     def test_unlabeled_loss_alone_moves_the_student(self):
         # The contract's version perturbs a teacher; here the weak and strong views already differ.
