@@ -53,6 +53,8 @@ METRICS = {
     "val_miou_best": "best validation mIoU",
     "test_miou": "test mIoU",
 }
+# Pseudo-label diagnostics at the last validation (src/pl_modules/diagnostics.py); empty for methods without.
+DIAGNOSTIC_COLUMNS = ("diag_pseudo_acc", "diag_pseudo_miou", "diag_mask_ratio", "diag_mask_acc")
 PROTOCOL_COLUMNS = (
     "dataset", "split_source", "split_strategy", "partial_labels", "crop_size", "batch_size_labeled",
     "batch_size_unlabeled", "eval_mode", "eval_resize", "test_split", "arch", "encoder", "max_steps", "precision",
@@ -135,6 +137,7 @@ def runs_frame(records: Sequence[dict[str, Any]]) -> pd.DataFrame:
             "val_miou_best": record.get("val_miou_best"),
             "best_step": record.get("best_step"),
             "test_miou": record.get("test_miou"),
+            **{name: record.get(name) for name in DIAGNOSTIC_COLUMNS},
             "steps": record.get("steps"),
             **{name: protocol.get(name) for name in PROTOCOL_COLUMNS},
             "dataset": protocol.get("dataset") or record.get("dataset"),  # a run that failed early has no protocol

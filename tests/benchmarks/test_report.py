@@ -122,6 +122,15 @@ def test_write_report_files(tmp_path: Path) -> None:
     assert (directory / "miou_vs_labels.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_diagnostic_columns_are_empty_for_runs_without_pseudo_labels(tmp_path: Path) -> None:
+    diagnostics = {"diag_pseudo_acc": 0.8, "diag_pseudo_miou": 61.5, "diag_mask_ratio": 0.25, "diag_mask_acc": 0.9}
+    directory = write_runs(tmp_path / "res", [record("supervised", 5, 0, 40.0), record("fixmatch", 5, 0, 50.0, **diagnostics)])
+    write_report([directory], directory, stream=io.StringIO())
+    runs = pd.read_csv(directory / "runs.csv").set_index("method")
+    assert runs.loc["fixmatch", list(diagnostics)].tolist() == list(diagnostics.values())
+    assert runs.loc["supervised", list(diagnostics)].isna().all()  # empty cells, not 0
+
+
 def test_report_cli_combines_directories(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # Seeds 0 and 1 from one directory, seed 2 from another, the way parallel machines would split them.
     first = write_runs(tmp_path / "a", [r for r in RECORDS if r["seed"] < 2])

@@ -78,6 +78,10 @@ def test_grid_runs_skips_finished_and_redoes_a_missing_result(tmp_path: Path) ->
     summary = (out / "summary.md").read_text()
     assert "| supervised |" in summary and "| mean_teacher |" in summary and "–" not in summary
     assert (out / "runs.csv").read_text().count("\n") == 5
+    # Pseudo-label diagnostics: the last validation's, for methods with an unlabeled loss; empty for the others.
+    assert 0.0 <= records[2]["diag_mask_ratio"] <= 1.0 and "diag_mask_ratio" not in records[0]
+    diagnostics = pd.read_csv(out / "runs.csv").set_index("method")[["diag_pseudo_acc", "diag_mask_ratio"]]
+    assert diagnostics.loc["supervised"].isna().all().all() and diagnostics.loc["mean_teacher"].notna().all().all()
     assert (out / "miou_vs_labels.png").is_file()
 
     # The same command again: nothing is retrained.
