@@ -5,11 +5,18 @@ sampler (5 labeled images are cycled, never exhausted): the train loader is a di
 ``{"labeled": ..., "unlabeled": ...}`` whose batches Lightning zips together. Methods that
 need no unlabeled data (``uses_unlabeled = False`` on the LightningModule) get only the
 labeled stream, so the supervised baseline pays nothing for the other.
+
+A stream is a pure function of its seed: the image at each position comes from the sampler's
+permutations, and its augmentation from random state derived from (seed, position) alone. So
+the data do not depend on the number of workers or on what they had prefetched, and a resumed
+run continues every stream at the position its checkpoint's step implies.
 """
 
 from __future__ import annotations
 
 import itertools
+import random
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +24,7 @@ from typing import Any
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from src.datamodules.transforms import eval_transform, labeled_transform, unlabeled_transform
 from src.datasets import DATASETS, DatasetError, SegmentationDataset, get_dataset
@@ -26,39 +33,75 @@ from src.datasets.views import LabeledView, UnlabeledView, pad_collate, pad_coll
 
 PARTIAL_MODES = ("p0", "p1", "p5", "p25")
 
+# Lightning warns that a loader without state_dict/load_state_dict cannot resume mid-epoch; the
+# training streams resume from the restored step instead (`SemiSupervisedDataModule._stream`).
+warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
+
 
 class InfiniteSampler(Sampler[int]):
-    """Random permutations of ``range(num_items)`` back to back, ``num_samples`` indices in all.
+    """Random permutations of ``range(num_items)`` back to back: ``num_samples`` indices from position ``start``.
 
     Every item is seen once per pass before any repeats (a tighter cycle than sampling with
-    replacement); the permutation stream depends only on ``seed``.
+    replacement); the permutation stream depends only on ``seed``, and ``start`` skips its first
+    positions (those a resumed run has already trained on).
     """
 
-    def __init__(self, num_items: int, num_samples: int, seed: int) -> None:
+    def __init__(self, num_items: int, num_samples: int, seed: int, start: int = 0) -> None:
         if num_items < 1:
             raise ValueError("InfiniteSampler needs at least one item")
         self.num_items = num_items
         self.num_samples = num_samples
         self.seed = seed
+        self.start = start
 
     def __len__(self) -> int:
         return self.num_samples
 
     def __iter__(self) -> Iterator[int]:
+        return itertools.islice(self._stream(), self.start, self.start + self.num_samples)
+
+    def _stream(self) -> Iterator[int]:
         generator = torch.Generator().manual_seed(self.seed)
-        emitted = 0
-        while emitted < self.num_samples:
-            perm = torch.randperm(self.num_items, generator=generator)[: self.num_samples - emitted]
-            emitted += len(perm)
-            yield from perm.tolist()
+        while True:
+            yield from torch.randperm(self.num_items, generator=generator).tolist()
 
 
-def seed_worker_transform(worker_id: int) -> None:
-    """Give each data-loader worker its own augmentation stream, derived from the loader's seed."""
-    info = torch.utils.data.get_worker_info()
-    transform = getattr(info.dataset, "transform", None)
-    if transform is not None:
-        transform.set_random_seed(info.seed % 2**32)
+class PositionSampler(InfiniteSampler):
+    """An `InfiniteSampler` whose items are ``(position, index)``: each index with its place in the stream."""
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:  # type: ignore[override]
+        return enumerate(super().__iter__(), self.start)
+
+
+class StreamView(Dataset):
+    """A training view read at stream positions, each sample augmented with random state of its own.
+
+    Item ``(position, i)`` is ``view[i]`` with the view's albumentations pipeline reseeded from
+    ``(seed, position)``: which worker makes a sample, how many workers there are and what they
+    had prefetched when a checkpoint was taken do not change it.
+
+    Args:
+        view: A `LabeledView` or `UnlabeledView` (its transform is an albumentations pipeline or None).
+        seed: The stream's seed.
+    """
+
+    def __init__(self, view: LabeledView | UnlabeledView, seed: int) -> None:
+        self.view = view
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.view)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, torch.Tensor]:
+        position, i = key
+        if self.view.transform is not None:
+            sequence = np.random.SeedSequence([self.seed, position])
+            # One generator pair for the whole pipeline: `set_random_seed` would give each
+            # transform its own copy of the same stream, so their draws would coincide.
+            self.view.transform.set_random_state(
+                np.random.default_rng(sequence), random.Random(int(sequence.generate_state(1)[0]))
+            )
+        return self.view[i]
 
 
 class PartialLabels:
@@ -212,19 +255,18 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
 
     def _stream(self, view: LabeledView | UnlabeledView, batch_size: int, num_steps: int, seed: int) -> DataLoader:
         workers = self.hparams.num_workers
-        # Albumentations keeps its own random state, untouched by seed_everything: seed it here, and
-        # again in each worker (else every worker would replay the same augmentations).
-        if view.transform is not None:
-            view.transform.set_random_seed(seed)
+        # A resumed run goes on where its checkpoint's step left the stream (a batch per training batch).
+        trainer = self.trainer
+        start = trainer.global_step * trainer.accumulate_grad_batches * batch_size
         return DataLoader(
-            view,
+            StreamView(view, seed),
             batch_size=batch_size,
-            sampler=InfiniteSampler(len(view), num_steps * batch_size, seed),
+            sampler=PositionSampler(len(view), num_steps * batch_size, seed, start),
             num_workers=workers,
             persistent_workers=workers > 0,
             pin_memory=torch.cuda.is_available(),
             drop_last=True,
-            worker_init_fn=seed_worker_transform,
+            # Without a generator of its own, each new iterator would draw its seed from the global RNG.
             generator=torch.Generator().manual_seed(seed),
         )
 
@@ -285,6 +327,9 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
             num_workers=self.hparams.num_workers,
             persistent_workers=self.hparams.num_workers > 0,
             collate_fn=pad_collate,
+            # Keeps the global RNG untouched: persistent workers make one iterator per fit, so a
+            # resumed fit would otherwise draw once more from it than an uninterrupted one.
+            generator=torch.Generator(),
         )
 
     def val_dataloader(self) -> DataLoader:

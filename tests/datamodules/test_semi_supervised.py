@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from src.datamodules import SemiSupervisedDataModule, SupervisedDataModule
-from src.datamodules.semi_supervised import InfiniteSampler
+from src.datamodules.semi_supervised import InfiniteSampler, PositionSampler
 from src.datasets import DatasetError
 from tests.datasets.fixtures import make_folder_dataset
 
@@ -14,6 +14,8 @@ TINY = {"image_size": 32, "num_train": 30, "num_val": 6, "num_test": 6}
 class FakeTrainer:
     def __init__(self, tmp_path, uses_unlabeled=True, max_steps=5):
         self.max_steps = max_steps
+        self.global_step = 0
+        self.accumulate_grad_batches = 1
         self.global_rank = 0
         self.world_size = 1
         self.is_global_zero = True
@@ -39,6 +41,59 @@ def test_infinite_sampler_cycles_through_permutations():
         assert sorted(indices[start : start + 5]) == list(range(5))
     assert list(InfiniteSampler(5, 23, seed=0)) == indices
     assert list(InfiniteSampler(5, 23, seed=1)) != indices
+
+
+def test_infinite_sampler_start_continues_the_stream():
+    whole = list(InfiniteSampler(5, 27, seed=0))
+    assert list(InfiniteSampler(5, 20, seed=0, start=7)) == whole[7:]
+    assert list(PositionSampler(5, 20, seed=0, start=7)) == list(enumerate(whole[7:], 7))
+
+
+def stream_batches(tmp_path, global_step=0, num_workers=0):
+    """Every (labeled, unlabeled) batch pair of a 6-step fit that has done ``global_step`` steps."""
+    dm = datamodule(tmp_path, num_workers=num_workers)
+    dm.trainer.max_steps, dm.trainer.global_step = 6, global_step
+    loaders = dm.train_dataloader()
+    return list(zip(loaders["labeled"], loaders["unlabeled"]))
+
+
+def assert_same_batches(a, b):
+    assert len(a) == len(b)
+    for pair_a, pair_b in zip(a, b):
+        for batch_a, batch_b in zip(pair_a, pair_b):
+            assert batch_a.keys() == batch_b.keys()
+            for key in batch_a:
+                assert torch.equal(batch_a[key], batch_b[key]), key
+
+
+def test_streams_are_a_function_of_the_position(tmp_path):
+    whole = stream_batches(tmp_path)
+    # A fit resumed after step 2 gets batches 3, 4, ... of the uninterrupted fit (and enough of them).
+    assert_same_batches(stream_batches(tmp_path, global_step=2)[:4], whole[2:])
+    # Which worker augments a sample does not matter.
+    assert_same_batches(stream_batches(tmp_path, num_workers=2), whole)
+    # The same image at another position gets another augmentation (5 labeled images, 12 positions).
+    labeled = torch.cat([pair[0]["image"] for pair in whole])
+    indices = torch.cat([pair[0]["index"] for pair in whole]).tolist()
+    repeats = [(i, j) for i in range(len(indices)) for j in range(i) if indices[i] == indices[j]]
+    assert repeats and not any(torch.equal(labeled[i], labeled[j]) for i, j in repeats)
+
+
+def test_pipeline_transforms_share_one_generator(tmp_path):
+    # Per-transform copies of one seed's stream would make, e.g., flip and blur draw the same numbers.
+    view = datamodule(tmp_path).train_dataloader()["labeled"].dataset
+    view[(3, 0)]
+    pipeline = view.view.transform
+    assert all(t.random_generator is pipeline.random_generator for t in pipeline.transforms)
+    assert all(t.py_random is pipeline.py_random for t in pipeline.transforms)
+
+
+def test_loaders_leave_the_global_rng_alone(tmp_path):
+    dm = datamodule(tmp_path, num_workers=2)
+    state = torch.get_rng_state()
+    next(iter(dm.train_dataloader()["labeled"]))
+    next(iter(dm.val_dataloader()))
+    assert torch.equal(torch.get_rng_state(), state)
 
 
 def test_streams_shapes_and_split(tmp_path):
@@ -120,7 +175,7 @@ def test_train_split_selects_the_pool(tmp_path):
 
 @pytest.mark.parametrize("photometric", [True, False])
 def test_photometric_switch_of_labeled_crops(tmp_path, photometric):
-    view = datamodule(tmp_path, photometric=photometric).train_dataloader()["labeled"].dataset
+    view = datamodule(tmp_path, photometric=photometric).train_dataloader()["labeled"].dataset.view
     names = [type(t).__name__ for t in view.transform.transforms]
     assert ("ColorJitter" in names) == photometric and ("GaussianBlur" in names) == photometric
     assert "HorizontalFlip" in names and "RandomCrop" in names
@@ -131,9 +186,12 @@ def test_train_resize_shrinks_images_before_the_crop(tmp_path):
     plain = datamodule(tmp_path, scale_range=(1.0, 1.0), crop_size=24).train_dataloader()["labeled"]
     shrunk = datamodule(tmp_path, scale_range=(1.0, 1.0), crop_size=24, train_resize=16).train_dataloader()["labeled"]
     assert not (next(iter(plain))["mask"] == 255).any()
-    mask = next(iter(shrunk))["mask"]
-    assert mask.shape[-2:] == (24, 24)
-    assert (mask[:, 16:, :] == 255).all() and (mask[:, :, 16:] == 255).all() and not (mask[:, :16, :16] == 255).any()
+    masks = next(iter(shrunk))["mask"]
+    assert masks.shape[-2:] == (24, 24)
+    for mask in masks:
+        if (mask[:, 0] == 255).all():  # flipped: the image sits at the right edge
+            mask = mask.flip(-1)
+        assert (mask[16:, :] == 255).all() and (mask[:, 16:] == 255).all() and not (mask[:16, :16] == 255).any()
 
 
 def test_diagnostic_images_are_the_first_unlabeled_ones_unaugmented(tmp_path):
