@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import random
 import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytorch_lightning as pl
+import torch
 
 from src.utils import atomic_write_json
 
@@ -114,3 +117,65 @@ class FinalValidation(pl.Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         if 0 < trainer.max_steps <= trainer.global_step:
             trainer.should_stop = True
+
+
+class RandomState(pl.Callback):
+    """Saves the global random states with every checkpoint and puts them back when a fit resumes.
+
+    Methods draw batch augmentation, mixing, loss sampling and dropout from the global generators
+    (torch's CPU generator and the current CUDA device's; numpy's and Python's for any library that
+    uses them). The checkpoint holds the states of every rank; a resumed fit restores its rank's at
+    ``on_train_start``, after Lightning's seeding and set-up, so the next step draws what it would
+    have drawn without the interruption. (The data streams need nothing: the datamodule derives
+    their positions from the restored step.)
+    """
+
+    KEY = "random_states"
+
+    def __init__(self) -> None:
+        self._to_restore: dict[str, Any] | None = None
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        states = [random_states()]
+        if trainer.world_size > 1 and torch.distributed.is_initialized():
+            # Every rank saves together (Lightning requires it), so the gather meets on all of them.
+            states = [None] * trainer.world_size
+            torch.distributed.all_gather_object(states, random_states())
+        checkpoint[self.KEY] = states
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        states = checkpoint.get(self.KEY)
+        if states:
+            self._to_restore = states[trainer.global_rank % len(states)]
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._to_restore is not None:
+            set_random_states(self._to_restore)
+            self._to_restore = None
+
+
+def random_states() -> dict[str, Any]:
+    """The states of torch's CPU and current CUDA generators, numpy's and Python's global generators.
+
+    Tensors, strings and numbers only, so that ``torch.load(..., weights_only=True)`` (which
+    LightningCLI uses on ``--ckpt_path``) still reads the checkpoint.
+    """
+    name, key, position, has_gauss, cached_gaussian = np.random.get_state()
+    states = {
+        "torch": torch.get_rng_state(),
+        "numpy": (name, torch.from_numpy(key.astype(np.int64)), position, has_gauss, cached_gaussian),
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state()
+    return states
+
+
+def set_random_states(states: dict[str, Any]) -> None:
+    """Restore what `random_states` returned."""
+    torch.set_rng_state(states["torch"])
+    name, key, position, has_gauss, cached_gaussian = states["numpy"]
+    np.random.set_state((name, key.numpy().astype(np.uint32), position, has_gauss, cached_gaussian))
+    random.setstate(states["python"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states["cuda"])

@@ -25,7 +25,7 @@ from jsonargparse import ArgumentError
 from pytorch_lightning.cli import LightningCLI
 
 import src.pl_modules  # noqa: F401  (registers every method for short class_path names)
-from src.callbacks import FinalValidation, LastCheckpoint, ProgressFile
+from src.callbacks import FinalValidation, LastCheckpoint, ProgressFile, RandomState
 from src.datamodules import SemiSupervisedDataModule
 from src.pl_modules import SemiSupervisedModule
 from src.utils import AtomicCheckpointIO, atomic_write_json, scalar_metrics
@@ -58,7 +58,7 @@ class SemiSegCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
         trainer = super().instantiate_trainer(**kwargs)
         trainer.strategy.checkpoint_io = AtomicCheckpointIO()
-        trainer.callbacks.extend([ProgressFile(), LastCheckpoint(), FinalValidation()])
+        trainer.callbacks.extend([ProgressFile(), LastCheckpoint(), RandomState(), FinalValidation()])
         return trainer
 
     def before_fit(self) -> None:
