@@ -1,6 +1,6 @@
 """Tables and a plot from benchmark result directories.
 
-    python benchmarks/report.py results/synthetic-default [more dirs ...] [--best] [--out DIR]
+    python benchmarks/report.py results/synthetic-default [more dirs ...] [--best] [--out DIR] [--criteria]
 
 Reads every ``runs/<method>/labels<N>/seed<S>/result.json`` under the given directories (or a
 directory's ``runs.csv`` when its run directories are gone; a run in several directories counts
@@ -12,13 +12,21 @@ directory given):
   the last one for a run that had converged) and the best one;
 - ``summary.md``: mIoU by method x label budget as ``mean ± std`` over seeds (sample std; a
   cell with fewer seeds than the grid shows ``n``; failed runs are left out and counted);
-- ``miou_vs_labels.png``: one line per method over the label budgets (log axis), std as error bars.
+- ``miou_vs_labels.png``: one line per method over the label budgets (log axis), std as error bars;
+  beside it each method's difference to ``supervised`` (Δ mIoU), pooled std as error bars.
 
 The budget ``all`` (every train image labeled, ``labelsall/``) comes last in the tables, and in
 the plot one step right of the largest budget (at twice it: the records do not give the pool size).
 
-The metric is the validation mIoU at the last step, or the best one with ``--best``. When
-the runs were tested, a second table gives the test mIoU of the best-validation checkpoint.
+The metric is the validation mIoU at the last step, or the best one with ``--best``. A second
+table gives each method's Δ over ``supervised`` and marks those that exceed the seed noise
+(`exceeds_seed_noise`). When the runs were tested, another table gives the test mIoU of the
+best-validation checkpoint.
+
+    python benchmarks/report.py DIR [more dirs ...] --criteria
+
+prints, and writes nothing, whether the supervised runs meet the embedded benchmark's protocol
+criteria (`ProtocolCriteria`: converged, headroom, seed noise).
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ import sys
 import textwrap
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -43,6 +52,7 @@ import matplotlib  # noqa: E402
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 
 from benchmarks.run import ALL_LABELS, budget_name, parse_budget  # noqa: E402
 from src.utils import atomic_write_bytes, atomic_write_text  # noqa: E402
@@ -55,6 +65,15 @@ METRICS = {
 }
 # Pseudo-label diagnostics at the last validation (src/pl_modules/diagnostics.py); empty for methods without.
 DIAGNOSTIC_COLUMNS = ("diag_pseudo_acc", "diag_pseudo_miou", "diag_mask_ratio", "diag_mask_acc")
+# The method every other is compared with (Δ table and panel, protocol criteria).
+BASELINE = "supervised"
+# A difference counts as signal when it exceeds this many pooled seed stds (`exceeds_seed_noise`).
+SIGNAL_STDS = 2.0
+# The rule as summary.md states it under the Δ table.
+SIGNAL_RULE = (
+    f"`*`: the difference exceeds the seed noise, |Δ| > {SIGNAL_STDS:g} × pooled std, where pooled std = "
+    "√((s_method² + s_supervised²) / 2) of the sample stds over seeds at that budget, and both have ≥ 2 seeds."
+)
 PROTOCOL_COLUMNS = (
     "dataset", "split_source", "split_strategy", "partial_labels", "crop_size", "batch_size_labeled",
     "batch_size_unlabeled", "eval_mode", "eval_resize", "test_split", "arch", "encoder", "max_steps", "precision",
@@ -219,6 +238,15 @@ def markdown_table(table: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def ok_runs(frame: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """The runs that finished (status ``ok``) and recorded ``metric``."""
+    return frame[(frame["status"] == "ok") & frame[metric].notna()]
+
+
+def _budgets(ok: pd.DataFrame) -> list[int]:
+    return sorted(ok["labels"].unique(), key=_budget_order) if not ok.empty else []
+
+
 def method_curves(ok: pd.DataFrame, metric: str, budgets: Sequence[int]) -> dict[str, pd.DataFrame]:
     """Per method, ``mean``/``std``/``count`` of ``metric`` at every budget: NaN where it has no run,
     so that its plotted line breaks there instead of joining the budgets on either side."""
@@ -228,6 +256,56 @@ def method_curves(ok: pd.DataFrame, metric: str, budgets: Sequence[int]) -> dict
     }
 
 
+def exceeds_seed_noise(delta: pd.Series, pooled_std: pd.Series, enough_seeds: pd.Series) -> pd.Series:
+    """The rule for "a difference is signal": ``|delta| > SIGNAL_STDS x pooled_std``, with >= 2 seeds on both sides.
+
+    Args:
+        delta: Mean of a method minus mean of the baseline, per budget.
+        pooled_std: ``sqrt((s_method² + s_baseline²) / 2)`` of the sample stds over seeds.
+        enough_seeds: Whether both the method and the baseline have at least 2 seeds.
+    """
+    return enough_seeds & (delta.abs() > SIGNAL_STDS * pooled_std)
+
+
+def delta_curves(curves: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
+    """Per method other than `BASELINE`, at every budget of ``curves`` (`method_curves`): ``delta``
+    (its mean minus the baseline's), ``pooled_std`` and ``signal`` (`exceeds_seed_noise`); empty
+    without a baseline."""
+    base = curves.get(BASELINE)
+    if base is None:
+        return {}
+    deltas = {}
+    for method, stats in curves.items():
+        if method == BASELINE:
+            continue
+        delta = stats["mean"] - base["mean"]
+        pooled_std = ((stats["std"] ** 2 + base["std"] ** 2) / 2) ** 0.5
+        enough_seeds = (stats["count"] >= 2) & (base["count"] >= 2)
+        signal = exceeds_seed_noise(delta, pooled_std, enough_seeds)
+        deltas[method] = pd.DataFrame({"delta": delta, "pooled_std": pooled_std, "signal": signal})
+    return deltas
+
+
+def format_delta(delta: float, signal: bool) -> str:
+    """``+3.1`` or ``−0.4`` (a minus sign, not a hyphen), ``*`` when it is signal, ``–`` when unknown."""
+    if pd.isna(delta):
+        return "–"
+    return f"{delta:+.1f}".replace("-", "\u2212") + ("*" if signal else "")
+
+
+def delta_table(frame: pd.DataFrame, metric: str, method_order: Sequence[str] = ()) -> pd.DataFrame:
+    """Method x label budget table of each method's Δ ``metric`` over `BASELINE` (`format_delta`);
+    no rows without a baseline or another method."""
+    ok = ok_runs(frame, metric)
+    budgets = _budgets(ok)
+    deltas = delta_curves(method_curves(ok, metric, budgets))
+    cells = {method: [format_delta(d, s) for d, s in zip(v["delta"], v["signal"])] for method, v in deltas.items()}
+    table = pd.DataFrame.from_dict(cells, orient="index", columns=budgets)
+    table = table.reindex(index=_method_order(list(cells), method_order))
+    table.index.name, table.columns.name = "method", "labels"
+    return table
+
+
 def budget_positions(budgets: Sequence[int]) -> dict[int, float]:
     """x of each budget on the plot's log axis: its size; ``all`` one step right of the largest
     budget, at twice it (the records do not give the train pool's size)."""
@@ -235,32 +313,159 @@ def budget_positions(budgets: Sequence[int]) -> dict[int, float]:
     return {b: float(largest * 2 if b == ALL_LABELS else b) for b in budgets}
 
 
-def plot_miou(frame: pd.DataFrame, metric: str, title: str, method_order: Sequence[str] = ()) -> bytes:
-    """PNG of mean ``metric`` against the label budget (log axis), one line per method, std error bars."""
-    ok = frame[(frame["status"] == "ok") & frame[metric].notna()]
-    figure, axis = plt.subplots(figsize=(6, 4))
-    budgets = sorted(ok["labels"].unique(), key=_budget_order) if not ok.empty else []
+def miou_figure(frame: pd.DataFrame, metric: str, title: str, method_order: Sequence[str] = ()) -> Figure:
+    """Mean ``metric`` against the label budget (log axis), one line per method, std error bars; and
+    beside it, when there is a `BASELINE` and another method, each method's Δ over the baseline with
+    pooled-std error bars, a filled marker where the Δ exceeds the seed noise."""
+    ok = ok_runs(frame, metric)
+    budgets = _budgets(ok)
     position = budget_positions(budgets)
     curves = method_curves(ok, metric, budgets)
-    for method in _method_order(list(curves), method_order):
+    deltas = delta_curves(curves)
+    methods = _method_order(list(curves), method_order)
+    color = {method: f"C{i % 10}" for i, method in enumerate(methods)}
+    figure, axes = plt.subplots(1, 2 if deltas else 1, figsize=(11, 4) if deltas else (6.5, 4), squeeze=False)
+    axis, delta_axis = axes[0, 0], (axes[0, 1] if deltas else None)
+    for i, method in enumerate(methods):
+        # Nudge each method sideways a little so that error bars at one budget do not hide each other.
+        x = [position[b] * 1.03 ** (i - (len(methods) - 1) / 2) for b in budgets]
         stats = curves[method]
-        x = [position[b] for b in stats.index]
-        axis.errorbar(x, stats["mean"], yerr=stats["std"].fillna(0.0), marker="o", capsize=3, label=method)
-    axis.set_xscale("log")
+        axis.errorbar(x, stats["mean"], yerr=stats["std"].fillna(0.0), marker="o", capsize=3, color=color[method],
+                      label=method)
+        if method in deltas:
+            delta = deltas[method]
+            delta_axis.errorbar(x, delta["delta"], yerr=delta["pooled_std"].fillna(0.0), marker="o", capsize=3,
+                                color=color[method], markerfacecolor="white")
+            signal = delta["signal"].to_numpy()
+            delta_axis.plot([xi for xi, s in zip(x, signal) if s], delta["delta"][signal], "o", color=color[method],
+                            zorder=3)  # over the hollow marker errorbar draws
+    axis.set_ylabel("mIoU (%), bars ± std over seeds")
+    if delta_axis is not None:
+        delta_axis.axhline(0.0, color="black", linewidth=0.8)
+        delta_axis.set_ylabel(f"Δ mIoU over {BASELINE} (points), bars ± pooled std")
+        delta_axis.set_title(f"filled: |Δ| > {SIGNAL_STDS:g} × pooled std (exceeds the seed noise)", fontsize=9)
+    for each in axes[0]:
+        each.set_xscale("log")
+        if budgets:
+            each.set_xticks([position[b] for b in budgets], [budget_name(b) for b in budgets])
+            each.minorticks_off()
+        each.set_xlabel("labeled images")
+        each.grid(alpha=0.3)
+    figure.suptitle(textwrap.fill(title, 120 if deltas else 70), fontsize=9)
     if budgets:
-        axis.set_xticks([position[b] for b in budgets], [budget_name(b) for b in budgets])
-        axis.minorticks_off()
-    axis.set_xlabel("labeled images")
-    axis.set_ylabel("mIoU (%)")
-    axis.set_title(textwrap.fill(title, 70), fontsize=9)
-    axis.grid(alpha=0.3)
-    if budgets:
-        axis.legend(fontsize=8)
+        axes[0, -1].legend(*axis.get_legend_handles_labels(), fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     figure.tight_layout()
+    return figure
+
+
+def plot_miou(frame: pd.DataFrame, metric: str, title: str, method_order: Sequence[str] = ()) -> bytes:
+    """`miou_figure` as a PNG."""
+    figure = miou_figure(frame, metric, title, method_order)
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=120)
+    figure.savefig(buffer, format="png", dpi=120, bbox_inches="tight")  # "tight" keeps the outside legend
     plt.close(figure)
     return buffer.getvalue()
+
+
+@dataclass(frozen=True)
+class ProtocolCriteria:
+    """Issue 21's protocol criteria for the embedded (synthetic) benchmark, on the ``supervised`` runs.
+
+    A benchmark that meets them has converged by its last step, leaves the label budgets room
+    below full supervision, and has seed noise small enough to tell methods apart. All figures
+    are validation mIoU in points; ``labels`` budgets are checked one by one.
+
+    Args:
+        max_last_vs_80pct: Converged: |mean at 80 % of the steps − mean at the last step| at most this.
+        max_best_minus_last: Converged: mean over seeds of (best − last) at most this.
+        min_miou_all: Headroom: mean at ``all`` (every image labeled) at least this.
+        small_budget: Headroom: the budget compared with ``all``.
+        min_gap_to_all: Headroom: mean at ``small_budget`` at most the mean at ``all`` minus this.
+        max_seed_std: Noise: sample std over seeds at most this, at every budget.
+    """
+
+    max_last_vs_80pct: float = 1.0
+    max_best_minus_last: float = 1.5
+    min_miou_all: float = 75.0
+    small_budget: int = 5
+    min_gap_to_all: float = 25.0
+    max_seed_std: float = 2.0
+
+
+PROTOCOL_CRITERIA = ProtocolCriteria()
+
+
+def protocol_criteria(frame: pd.DataFrame, criteria: ProtocolCriteria = PROTOCOL_CRITERIA) -> pd.DataFrame:
+    """Each protocol criterion on the finished `BASELINE` runs of ``frame``, per budget.
+
+    Figures are of ``val_miou_last`` unless a criterion names another column; "80 % vs last"
+    compares the means over the seeds that recorded both. A criterion without the data to decide
+    it (no ``all`` runs, no ``val_miou_at_80pct``, one seed) is ``not measured``, never ``pass``.
+
+    Args:
+        frame: Runs as `load_frame` makes them.
+        criteria: The thresholds.
+
+    Returns:
+        One row per check and budget, indexed by ``criterion``, with columns ``labels`` (its name),
+        ``figure``, ``rule`` and ``result`` (``pass``, ``fail`` or ``not measured``).
+    """
+    runs = frame[(frame["method"] == BASELINE) & (frame["status"] == "ok")]
+    runs = runs.assign(
+        at_80pct_gap=runs["val_miou_at_80pct"] - runs["val_miou_last"],
+        best_gap=runs["val_miou_best"] - runs["val_miou_last"],
+    )
+    # Without any run, one row per per-budget check (budget None selects nothing) says "not measured".
+    budgets = sorted(runs["labels"].unique(), key=_budget_order) or [None]
+    rows = []
+
+    def values(labels: int | None, column: str) -> pd.Series:
+        return runs.loc[runs["labels"] == labels, column].dropna()
+
+    def check(criterion: str, labels: int | None, figure: str, rule: str, passed: bool | None) -> None:
+        result = "not measured" if passed is None else "pass" if passed else "fail"
+        rows.append({"criterion": criterion, "labels": "–" if labels is None else budget_name(labels),
+                     "figure": figure, "rule": rule, "result": result})
+
+    for labels in budgets:
+        gap = values(labels, "at_80pct_gap")
+        measured = len(gap) > 0
+        check("converged: 80 % vs last", labels,
+              f"|mean Δ| {abs(gap.mean()):.2f} (n={len(gap)})" if measured else "no val_miou_at_80pct",
+              f"≤ {criteria.max_last_vs_80pct:.1f}",
+              abs(gap.mean()) <= criteria.max_last_vs_80pct if measured else None)
+        gap = values(labels, "best_gap")
+        measured = len(gap) > 0
+        check("converged: best − last", labels,
+              f"mean {gap.mean():.2f}, max {gap.max():.2f}" if measured else "no runs",
+              f"mean ≤ {criteria.max_best_minus_last:.1f}",
+              gap.mean() <= criteria.max_best_minus_last if measured else None)
+    at_all, small = values(ALL_LABELS, "val_miou_last"), values(criteria.small_budget, "val_miou_last")
+    check("headroom: all", ALL_LABELS, f"mean {at_all.mean():.1f}" if len(at_all) else "no runs",
+          f"≥ {criteria.min_miou_all:.1f}", at_all.mean() >= criteria.min_miou_all if len(at_all) else None)
+    measured = len(at_all) > 0 and len(small) > 0
+    gap_figure = f"mean {small.mean():.1f}, all − it {at_all.mean() - small.mean():.1f}"
+    missing = criteria.small_budget if len(at_all) else "all"
+    check(f"headroom: {criteria.small_budget} vs all", criteria.small_budget,
+          gap_figure if measured else f"no runs at {missing}",
+          f"≤ mean at all − {criteria.min_gap_to_all:.1f}",
+          small.mean() <= at_all.mean() - criteria.min_gap_to_all if measured else None)
+    for labels in budgets:
+        miou = values(labels, "val_miou_last")
+        measured = len(miou) >= 2
+        check("noise: std over seeds", labels,
+              f"{miou.std(ddof=1):.2f} (n={len(miou)})" if measured else f"n={len(miou)}",
+              f"≤ {criteria.max_seed_std:.1f}", miou.std(ddof=1) <= criteria.max_seed_std if measured else None)
+    return pd.DataFrame(rows).set_index("criterion")
+
+
+def criteria_report(frame: pd.DataFrame, criteria: ProtocolCriteria = PROTOCOL_CRITERIA) -> str:
+    """`protocol_criteria` as a markdown table under a one-line heading, with the counts of each result."""
+    table = protocol_criteria(frame, criteria)
+    counts = table["result"].value_counts()
+    counts = ", ".join(f"{counts[r]} {r}" for r in ("pass", "fail", "not measured") if r in counts)
+    heading = f"Protocol criteria of the embedded benchmark, {BASELINE} runs, validation mIoU (points): {counts}"
+    return f"{heading}\n\n{markdown_table(table)}"
 
 
 def _describe(values: Any) -> str:
@@ -289,6 +494,10 @@ def write_report(
         f"mean ± std over seeds {seeds}"
     )
     parts = [f"# {header}", "", markdown_table(summary_table(frame, metric, method_order))]
+    deltas = delta_table(frame, metric, method_order)
+    if not deltas.empty:
+        parts += ["", f"Δ over {BASELINE}, mean of the method − mean of {BASELINE} (points):", "",
+                  markdown_table(deltas), "", SIGNAL_RULE]
     if frame["test_miou"].notna().any():
         parts += ["", "Test mIoU of the best-validation checkpoint (%):", "",
                   markdown_table(summary_table(frame, "test_miou", method_order))]
@@ -313,12 +522,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("dirs", nargs="+", help="result directories (each holds runs/<method>/labels<N>/seed<S>/)")
     parser.add_argument("--best", action="store_true", help="best validation mIoU instead of the last step's")
     parser.add_argument("--out", default=None, help="where to write the tables (default: the one directory given)")
+    parser.add_argument("--criteria", action="store_true",
+                        help="print whether the supervised runs meet the protocol criteria; write nothing")
     args = parser.parse_args(argv)
-    if args.out is None and len(args.dirs) > 1:
+    if args.out is None and len(args.dirs) > 1 and not args.criteria:
         print("error: several directories given: choose where the combined tables go with --out DIR", file=sys.stderr)
         return 2
     try:
-        write_report(args.dirs, args.out or args.dirs[0], best=args.best)
+        if args.criteria:
+            frame = load_frame(args.dirs)
+            print(criteria_report(frame) if not frame.empty else f"no results under {', '.join(args.dirs)}")
+        else:
+            write_report(args.dirs, args.out or args.dirs[0], best=args.best)
     except FileNotFoundError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

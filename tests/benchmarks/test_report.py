@@ -10,9 +10,12 @@ from typing import Any
 import pandas as pd
 import pytest
 
+import matplotlib.pyplot as plt
+import numpy as np
+
 from benchmarks.report import (
-    _method_order, budget_positions, format_cell, load_frame, main, method_curves, runs_frame, suite_order,
-    summary_table, write_report,
+    SIGNAL_RULE, _method_order, budget_positions, delta_curves, delta_table, format_cell, load_frame, main,
+    method_curves, miou_figure, protocol_criteria, runs_frame, suite_order, summary_table, write_report,
 )
 from benchmarks.run import ALL_LABELS, budget_name
 
@@ -115,6 +118,8 @@ def test_write_report_files(tmp_path: Path) -> None:
     assert "| reco | 62.0 ± 2.8 (n=2, 1 failed) | 71.0 ± 1.0 |" in summary
     assert "Test mIoU" in summary and "| supervised | 41.0 ± 2.0 |" in summary
     assert "1 failed run(s)" in summary and "reco labels=5 seed=1: ValueError: data.num_labeled=9999" in summary
+    # Δ over supervised: 62 − 42 and 71 − 51, both beyond 2 pooled stds (2 × 2.45 and 2 × 1.22).
+    assert "| reco | +20.0* | +20.0* |" in summary and SIGNAL_RULE in summary
     runs = pd.read_csv(directory / "runs.csv")
     assert len(runs) == len(RECORDS)
     assert {"val_iou/background", "val_iou/disc", "crop_size", "encoder", "config_hash"} <= set(runs.columns)
@@ -211,3 +216,106 @@ def test_runs_csv_has_val_miou_at_80pct_and_older_tables_without_it_still_load(t
     combined = pd.read_csv(tmp_path / "all" / "runs.csv")
     assert combined.loc[combined["labels"] == 60, "val_miou_at_80pct"].tolist() == [68.0]
     assert combined["val_miou_at_80pct"].isna().sum() == len(RECORDS)
+
+
+def frame_of(cells: dict[tuple[str, int | str], list[float]], gap_80pct: float = 0.0, gap_best: float = 0.0,
+             **gaps: tuple[float, float]) -> pd.DataFrame:
+    """Runs, one per value of each (method, labels) cell, seeds 0, 1, ...; at 80 % = last − gap_80pct and
+    best = last + gap_best, or per budget name in ``gaps`` as (gap_80pct, gap_best)."""
+    rows = []
+    for (method, labels), values in cells.items():
+        at_80pct, best = gaps.get(f"labels{labels}", (gap_80pct, gap_best))
+        budget = ALL_LABELS if labels == "all" else labels
+        rows += [{"method": method, "labels": budget, "seed": seed, "status": "ok", "val_miou_last": v,
+                  "val_miou_at_80pct": v - at_80pct, "val_miou_best": v + best} for seed, v in enumerate(values)]
+    return pd.DataFrame(rows)
+
+
+def test_delta_over_supervised_marks_exactly_the_differences_beyond_two_pooled_stds() -> None:
+    # Every std is sqrt(2), so the pooled std is sqrt(2) and the threshold 2 sqrt(2) = 2.83.
+    frame = frame_of({
+        ("supervised", 5): [10.0, 12.0], ("supervised", 15): [20.0, 22.0],
+        ("above", 5): [12.9, 14.9],  # Δ +2.9
+        ("below", 5): [12.8, 14.8],  # Δ +2.8
+        ("negative", 5): [7.1, 9.1],  # Δ −2.9
+        ("one_seed", 5): [40.0], ("one_seed", 15): [40.0, 40.0],  # Δ +29 at 5 from one seed; std 1 at 15
+    })
+    deltas = delta_curves(method_curves(frame, "val_miou_last", [5, 15]))
+    assert deltas["above"].loc[5, "delta"] == pytest.approx(2.9)
+    assert deltas["above"].loc[5, "pooled_std"] == pytest.approx(np.sqrt(2.0))
+    assert deltas["one_seed"].loc[15, "pooled_std"] == pytest.approx(1.0)  # sqrt((0 + 2) / 2)
+    table = delta_table(frame, "val_miou_last", method_order=suite_order())
+    assert table.to_dict("index") == {
+        "above": {5: "+2.9*", 15: "–"},
+        "below": {5: "+2.8", 15: "–"},
+        "negative": {5: "\u22122.9*", 15: "–"},
+        "one_seed": {5: "+29.0", 15: "+19.0*"},
+    }
+    assert delta_table(frame[frame["method"] != "supervised"], "val_miou_last").empty
+
+
+def test_the_plot_has_a_delta_panel_when_supervised_runs_are_there() -> None:
+    frame = frame_of({("supervised", 5): [10.0, 12.0], ("reco", 5): [20.0, 21.0], ("reco", 15): [30.0, 31.0]})
+    figure = miou_figure(frame, "val_miou_last", "title", suite_order())
+    try:
+        assert len(figure.axes) == 2
+        assert "pooled std" in figure.axes[1].get_ylabel()
+    finally:
+        plt.close(figure)
+    figure = miou_figure(frame[frame["method"] == "reco"], "val_miou_last", "title")
+    try:
+        assert len(figure.axes) == 1
+    finally:
+        plt.close(figure)
+
+
+def results(frame: pd.DataFrame) -> dict[tuple[str, str], str]:
+    table = protocol_criteria(frame)
+    return dict(zip(zip(table.index, table["labels"]), table["result"]))
+
+
+def test_protocol_criteria_pass_and_fail_per_budget() -> None:
+    frame = frame_of(
+        {("supervised", 5): [40.0, 41.0, 42.0], ("supervised", "all"): [70.0, 74.0, 78.0],
+         ("reco", 5): [0.0, 90.0]},  # other methods are not the baseline's protocol
+        labels5=(0.5, 2.0), labelsall=(1.5, 0.2),
+    )
+    failed = {"method": "supervised", "labels": 5, "seed": 9, "status": "failed", "val_miou_last": np.nan}
+    frame = pd.concat([frame, pd.DataFrame([failed])], ignore_index=True)
+    assert results(frame) == {
+        ("converged: 80 % vs last", "5"): "pass",  # 0.5 <= 1
+        ("converged: best − last", "5"): "fail",  # 2.0 > 1.5
+        ("converged: 80 % vs last", "all"): "fail",  # 1.5 > 1
+        ("converged: best − last", "all"): "pass",  # 0.2 <= 1.5
+        ("headroom: all", "all"): "fail",  # 74 < 75
+        ("headroom: 5 vs all", "5"): "pass",  # 41 <= 74 − 25
+        ("noise: std over seeds", "5"): "pass",  # 1.0 <= 2
+        ("noise: std over seeds", "all"): "fail",  # 4.0 > 2
+    }
+    table = protocol_criteria(frame).set_index("labels", append=True)
+    assert table.loc[("converged: best − last", "5"), "figure"] == "mean 2.00, max 2.00"
+    assert table.loc[("noise: std over seeds", "all"), "figure"] == "4.00 (n=3)"
+    assert table.loc[("headroom: 5 vs all", "5"), "figure"] == "mean 41.0, all − it 33.0"
+
+
+def test_protocol_criteria_without_the_data_are_not_measured(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    frame = frame_of({("supervised", 5): [40.0, 41.0], ("supervised", 15): [50.0]})
+    frame["val_miou_at_80pct"] = np.nan  # a table written before the column existed
+    assert results(frame) == {
+        ("converged: 80 % vs last", "5"): "not measured",
+        ("converged: best − last", "5"): "pass",
+        ("converged: 80 % vs last", "15"): "not measured",
+        ("converged: best − last", "15"): "pass",
+        ("headroom: all", "all"): "not measured",
+        ("headroom: 5 vs all", "5"): "not measured",
+        ("noise: std over seeds", "5"): "pass",
+        ("noise: std over seeds", "15"): "not measured",  # one seed
+    }
+    assert set(results(frame[frame["method"] != "supervised"]).values()) == {"not measured"}
+    # The command prints the table and writes nothing.
+    directory = write_runs(tmp_path / "res", RECORDS)
+    assert main([str(directory), "--criteria"]) == 0
+    out = capsys.readouterr().out
+    assert "| headroom: all | all | no runs | ≥ 75.0 | not measured |" in out
+    assert "| noise: std over seeds | 5 | 2.00 (n=3) | ≤ 2.0 | pass |" in out
+    assert not (directory / "summary.md").exists() and not (directory / "runs.csv").exists()
