@@ -28,10 +28,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from src.datamodules.transforms import eval_transform, labeled_transform, unlabeled_transform
 from src.datasets import DATASETS, DatasetError, SegmentationDataset, get_dataset
-from src.datasets.splits import partial_mask, partial_rng, select_labeled, write_split
+from src.datasets.splits import PARTIAL_MODES, partial_mask, partial_rng, select_labeled, write_split
 from src.datasets.views import LabeledView, UnlabeledView, pad_collate, pad_collate_with_valid
-
-PARTIAL_MODES = ("p0", "p1", "p5", "p25")
 
 # Lightning warns that a loader without state_dict/load_state_dict cannot resume mid-epoch; the
 # training streams resume from the restored step instead (`SemiSupervisedDataModule._stream`).

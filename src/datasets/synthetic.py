@@ -28,7 +28,6 @@ import numpy as np
 from src.datasets.base import DatasetError, SegmentationDataset
 
 CLASSES = ("background", "disc", "square", "triangle", "ring", "cross", "star", "ellipse")
-IGNORE_INDEX = 255
 SPLITS = {"train": 0, "val": 1, "test": 2}
 
 # Difficulty knobs. Lengths are pixels of a 96x96 image and scale with the image size;

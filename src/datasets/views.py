@@ -21,15 +21,19 @@ MaskHook = Callable[[np.ndarray, int], np.ndarray]
 
 
 def to_tensors(image: np.ndarray, mask: np.ndarray | None) -> dict[str, Tensor]:
-    """(H, W, 3) uint8 and (H, W) uint8 arrays -> {"image": (3, H, W) uint8, "mask": (H, W) long}."""
-    out = {"image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))}
+    """(H, W, 3) uint8 and (H, W) uint8 arrays -> {"image": (3, H, W) uint8, "mask": (H, W) long}.
+
+    Read-only arrays (PIL's, when no transform copied them) are copied: torch does not share
+    memory with a non-writable array.
+    """
+    out = {"image": torch.from_numpy(np.require(image.transpose(2, 0, 1), requirements="CW"))}
     if mask is not None:
-        out["mask"] = torch.from_numpy(np.ascontiguousarray(mask)).long()
+        out["mask"] = torch.from_numpy(np.require(mask, requirements="CW")).long()
     return out
 
 
-class LabeledView(Dataset):
-    """(image, mask) pairs of the chosen indices, augmented jointly.
+class View(Dataset):
+    """Samples of the chosen indices of a dataset, through an albumentations pipeline.
 
     Args:
         dataset: The dataset to read.
@@ -53,6 +57,19 @@ class LabeledView(Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
+    def sample(self, image: np.ndarray, mask: np.ndarray | None, index: int) -> dict[str, Tensor]:
+        """The transformed pair as tensors, with the sample's dataset ``index``."""
+        if self.transform is not None:
+            out = self.transform(image=image, mask=mask) if mask is not None else self.transform(image=image)
+            image, mask = out["image"], out.get("mask")
+        sample = to_tensors(image, mask)
+        sample["index"] = torch.tensor(index)
+        return sample
+
+
+class LabeledView(View):
+    """(image, mask) pairs of the chosen indices, augmented jointly (arguments: `View`)."""
+
     def __getitem__(self, i: int) -> dict[str, Tensor]:
         index = self.indices[i]
         image, mask = self.dataset[index]
@@ -60,59 +77,28 @@ class LabeledView(Dataset):
             raise ValueError(f"{self.dataset.describe(index)} has no label but was put in a labeled view")
         if self.mask_hook is not None:
             mask = self.mask_hook(mask, index)
-        if self.transform is not None:
-            out = self.transform(image=image, mask=mask)
-            image, mask = out["image"], out["mask"]
-        sample = to_tensors(image, mask)
-        sample["index"] = torch.tensor(index)
-        return sample
+        return self.sample(image, mask, index)
 
 
-class UnlabeledView(Dataset):
-    """Images of the chosen indices without their masks.
+class UnlabeledView(View):
+    """Images of the chosen indices without their masks (arguments: `View`).
 
     In partial-label mode (``mask_hook`` given) the sparse labels travel with the image as
     ``"mask"`` (255 elsewhere) so a method can overwrite pseudo-labels with them
     (METHODS.md section 3, partial-label mode). Images without a mask get an all-255 mask then.
-
-    Args:
-        dataset: The dataset to read.
-        indices: Which samples of ``dataset`` this view shows.
-        transform: An albumentations pipeline (geometric only for ReCo-style methods).
-        mask_hook: Optional ``f(mask, index) -> mask``; when given, the returned sample keeps a mask.
+    The transform is geometric only for ReCo-style methods.
     """
-
-    def __init__(
-        self,
-        dataset: SegmentationDataset,
-        indices: Sequence[int],
-        transform: Transform | None = None,
-        mask_hook: MaskHook | None = None,
-    ) -> None:
-        self.dataset = dataset
-        self.indices = list(indices)
-        self.transform = transform
-        self.mask_hook = mask_hook
-
-    def __len__(self) -> int:
-        return len(self.indices)
 
     def __getitem__(self, i: int) -> dict[str, Tensor]:
         index = self.indices[i]
         if self.mask_hook is None:
-            image, mask = self.dataset.load_image(index), None
+            return self.sample(self.dataset.load_image(index), None, index)
+        image, mask = self.dataset[index]
+        if mask is None:
+            mask = np.full(image.shape[:2], IGNORE_INDEX, np.uint8)
         else:
-            image, mask = self.dataset[index]
-            if mask is None:
-                mask = np.full(image.shape[:2], IGNORE_INDEX, np.uint8)
-            else:
-                mask = self.mask_hook(mask, index)
-        if self.transform is not None:
-            out = self.transform(image=image, mask=mask) if mask is not None else self.transform(image=image)
-            image, mask = out["image"], out.get("mask")
-        sample = to_tensors(image, mask)
-        sample["index"] = torch.tensor(index)
-        return sample
+            mask = self.mask_hook(mask, index)
+        return self.sample(image, mask, index)
 
 
 def pad_collate(samples: list[dict[str, Tensor]]) -> dict[str, Tensor]:
