@@ -34,9 +34,9 @@ if str(REPO) not in sys.path:  # `python benchmarks/bench_reco_loss.py` puts onl
     sys.path.insert(0, str(REPO))
 
 from benchmarks.reco_loss_reference import reco_loss_loop  # noqa: E402
+from src.datasets.base import IGNORE_INDEX  # noqa: E402
 from src.losses.reco import downsample_nearest, reco_loss  # noqa: E402
 
-IGNORE_INDEX = 255
 WEAK_THRESHOLD = 0.7
 
 

@@ -87,15 +87,17 @@ def measure(method: str, args: argparse.Namespace) -> dict[str, Any]:
 
     import src.pl_modules.c3semiseg as c3_module
     import src.pl_modules.mean_teacher as mean_teacher_module
+    import src.pl_modules.ops as ops
     import src.pl_modules.reco as reco_module
     import src.pl_modules.supervised as supervised_module
     from torch import Tensor
 
+    from src.losses.reco import REPRESENTATION_STRIDE, pool_to_stride
+    from src.networks import projection_head
     from src.networks.segmenter import Segmenter
     from src.pl_modules.base import SemiSupervisedModule
     from src.pl_modules.c3semiseg import C3SemiSeg
     from src.pl_modules.fixmatch import FixMatch
-    from src.pl_modules.ops import pool_to_stride
     from src.train import main
 
     torch.set_num_threads(args.threads)
@@ -120,8 +122,11 @@ def measure(method: str, args: argparse.Namespace) -> dict[str, Any]:
     C3SemiSeg.update_thresholds = timed("teacher", C3SemiSeg.update_thresholds)
     for name in ("random_rescale_crop", "mix_unlabeled", "strong_augment"):
         setattr(mean_teacher_module, name, timed("mix+aug", getattr(mean_teacher_module, name)))
-    for name in ("weak_view", "colour_jitter", "box_masks", "swap_halves"):
+    for name in ("weak_view", "colour_jitter"):
         setattr(c3_module, name, timed("mix+aug", getattr(c3_module, name)))
+    if method == "c3semiseg":  # its cross-set CutMix; the mean-teacher family's boxes are timed in mix_unlabeled
+        for name in ("box_masks", "swap_halves"):
+            setattr(ops, name, timed("mix+aug", getattr(ops, name)))
     FixMatch.make_views = timed("mix+aug", FixMatch.make_views)
     C3SemiSeg.contrastive_term = timed("contrast", C3SemiSeg.contrastive_term)
     reco_module.reco_from_features = timed("contrast", reco_module.reco_from_features)
@@ -145,7 +150,7 @@ def measure(method: str, args: argparse.Namespace) -> dict[str, Any]:
     Segmenter._prepare = counted_prepare
     sizes, evals, variant = parse_floor_key(args.floor) if args.floor else ([], 0, "")
     if args.floor:  # a floor's step (see FLOOR): its eval forwards, then the batch in the method's passes, its variant
-        stride = (reco_module.REPRESENTATION_STRIDE if variant == "head"
+        stride = (REPRESENTATION_STRIDE if variant == "head"
                   else inspect.signature(C3SemiSeg).parameters["embedding_stride"].default)
 
         def floor_step(self: Any, batch: dict[str, dict[str, Tensor]]) -> dict[str, Tensor]:
@@ -195,7 +200,7 @@ def measure(method: str, args: argparse.Namespace) -> dict[str, Any]:
         )
         model, datamodule = cli.model, cli.datamodule
         if variant == "c3head":  # registered before fit, so that the optimizer updates it too
-            model.rep_head = c3_module.projection_head(model.student.feature_channels, model.hparams.representation_dim)
+            model.rep_head = projection_head(model.student.feature_channels, model.hparams.representation_dim)
         records: list[dict[str, float]] = []
 
         turns = [int(fd) for fd in args.turns.split(",")] if args.turns else None

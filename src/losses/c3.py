@@ -6,7 +6,8 @@ Pure tensor functions, usable without Lightning, with no Python loop over images
 - `soft_consistency_loss`: the soft cross-entropy to the teacher's probabilities on kept pixels (step 5);
 - `sample_anchors`, `pixel_contrastive_loss` and `cross_set_contrastive_loss`: the cross-set
   pixel contrastive loss (step 6): per (image, class), ``num_views`` anchor pixels, half of them
-  mispredicted ("hard"), contrasted across the whole labeled + unlabeled batch.
+  mispredicted ("hard"), contrasted across the whole labeled + unlabeled batch;
+  `contrastive_from_logits` takes full-size labels and logits to the embedding grid first.
 The ramp-up of both losses is `src.pl_modules.ops.sigmoid_rampup`.
 """
 
@@ -16,7 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-IGNORE_INDEX = 255
+from src.datasets.base import IGNORE_INDEX
+from src.losses.reco import downsample_nearest
+
 BASE_TEMPERATURE = 0.1  # the reference scales its loss by temperature / 0.1
 _LABEL_SLOTS = 256  # label values 0..255 (255 = ignore) get one group slot each per image
 
@@ -291,3 +294,27 @@ def cross_set_contrastive_loss(
         gather_pixels(embeddings, pixels), gather_pixels(keys, pixels), classes, temperature
     )
     return loss, torch.tensor(float(len(classes)), device=embeddings.device)
+
+
+def contrastive_from_logits(
+    embeddings: Tensor,
+    keys: Tensor,
+    labels: Tensor,
+    logits: Tensor,
+    num_views: int = 20,
+    temperature: float = 0.15,
+    ignore_index: int = IGNORE_INDEX,
+    exclude_class_zero: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """`cross_set_contrastive_loss` from full-size labels (N, H, W) and student logits (N, C, H, W).
+
+    Both are brought to the grid of ``embeddings`` (N, D, h, w): the labels by nearest sampling,
+    the logits (detached) bilinearly, then their arg max gives the predictions. The other
+    arguments and the returned ``(loss, num_rows)`` are `cross_set_contrastive_loss`'s.
+    """
+    size = embeddings.shape[-2:]
+    logits_small = F.interpolate(logits.detach().float(), size=size, mode="bilinear", align_corners=False)
+    return cross_set_contrastive_loss(
+        embeddings, keys, downsample_nearest(labels, size), logits_small.argmax(dim=1), num_views, temperature,
+        ignore_index, exclude_class_zero,
+    )

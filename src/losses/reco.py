@@ -22,10 +22,13 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
+
+from src.datasets.base import IGNORE_INDEX
 
 # sampler(hard_counts (q,), counts (n,), graph (q, n), num_queries, num_negatives, generator)
 #   -> query_positions (q, Q): positions among each row class's hard pixels,
@@ -37,6 +40,7 @@ Sampler = Callable[[Tensor, Tensor, Tensor, int, int, "torch.Generator | None"],
 
 EPS = 1e-8  # on norms, as torch.cosine_similarity
 DENSE_POOL_FACTOR = 16  # dense path while the pool has at most this many times num_negatives pixels
+REPRESENTATION_STRIDE = 4  # pixels of the input per representation cell, as DeepLabV3+'s decoder
 
 
 def downsample_nearest(x: Tensor, size: tuple[int, int]) -> Tensor:
@@ -58,6 +62,46 @@ def downsample_nearest(x: Tensor, size: tuple[int, int]) -> Tensor:
     rows = F.interpolate(rows, size=(size[0], 1), mode="nearest").view(-1).long()
     cols = F.interpolate(cols, size=(1, size[1]), mode="nearest").view(-1).long()
     return x[:, rows[:, None], cols[None, :]]
+
+
+def pool_to_stride(features: Tensor, stride: int, input_width: int) -> Tensor:
+    """Decoder features (N, F, h, w) average-pooled to ``stride`` input pixels per cell.
+
+    A decoder finer than ``stride`` (U-Net: stride 1) is pooled by the nearest integer factor; a
+    coarser or equal one is returned as it is.
+    """
+    pool = max(1, round(stride * features.shape[-1] / input_width))
+    return F.avg_pool2d(features, pool, ceil_mode=True) if pool > 1 else features
+
+
+def reco_from_features(
+    rep_head: nn.Module, logits: Tensor, features: Tensor, labels: Tensor, valid: Tensor, **loss_options: Any
+) -> Tensor:
+    """The ReCo loss of a batch, from the student's outputs and full-resolution targets.
+
+    Labels and validity are brought to the representation grid with nearest sampling (one grid
+    for both), as the reference does. Decoder features finer than ``REPRESENTATION_STRIDE`` are
+    average-pooled to it before the head.
+
+    Args:
+        rep_head: The representation head applied to ``features``.
+        logits: (N, C, H, W) student logits at input size; their softmax, resized bilinearly to the
+            representation grid and detached, gives each pixel's class probabilities.
+        features: (N, F, h, w) decoder features.
+        labels: (N, H, W) long labels (``IGNORE_INDEX`` where unknown).
+        valid: (N, H, W) bool: which pixels may enter the loss.
+        **loss_options: ``strong_threshold``, ``temperature``, ``num_queries``, ``num_negatives``.
+    """
+    # The representation lives on a stride-4 grid (METHODS.md 2). A finer decoder (U-Net: stride 1)
+    # is average-pooled to it first: the loss sees the reference's pixel count, at 1/16 of the cost.
+    rep = rep_head(pool_to_stride(features, REPRESENTATION_STRIDE, labels.shape[-1]))
+    size = rep.shape[-2:]
+    # NOTE: the reference takes the softmax of its stride-4 logits; smp upsamples inside its head,
+    # so we resize the full-size logits back to the representation grid.
+    probs = F.interpolate(logits.detach().float(), size=size, mode="bilinear", align_corners=False).softmax(dim=1)
+    labels_small = downsample_nearest(labels, size)
+    valid_small = downsample_nearest(valid, size).bool() & (labels_small != IGNORE_INDEX)
+    return reco_loss(rep, labels_small, valid_small, probs, **loss_options)
 
 
 def uniform_sampler(

@@ -1,4 +1,7 @@
-"""ReCo's representation head (METHODS.md section 2), on the decoder features of any smp model."""
+"""Heads that embed the decoder features of any smp model, one vector per location.
+
+ReCo's representation head (METHODS.md section 2) and C3-SemiSeg's projection head (section 6).
+"""
 
 from __future__ import annotations
 
@@ -28,3 +31,11 @@ class RepresentationHead(nn.Module):
 
     def forward(self, features: Tensor) -> Tensor:
         return self.layers(features)
+
+
+def projection_head(in_channels: int, dim: int) -> nn.Sequential:
+    """C3's ``mlp`` head: 1x1 conv (bias) + ReLU + 1x1 conv (bias), weights ~ N(0, 0.01)."""
+    head = nn.Sequential(nn.Conv2d(in_channels, dim, 1), nn.ReLU(inplace=True), nn.Conv2d(dim, dim, 1))
+    for layer in (head[0], head[2]):
+        nn.init.normal_(layer.weight, 0.0, 0.01)
+    return head

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from src.pl_modules.base import SemiSupervisedModule
 from src.pl_modules.c3semiseg import C3SemiSeg
-from src.pl_modules.fixmatch import FixMatch, UniMatch
+from src.pl_modules.fixmatch import FixMatch
 from src.pl_modules.mean_teacher import ClassMix, CutMix, CutOut, MeanTeacher
 from src.pl_modules.reco import ReCo
 from src.pl_modules.recon import Recon
 from src.pl_modules.supervised import Supervised
+from src.pl_modules.unimatch import UniMatch
 
 METHOD_CLASSES: tuple[type[SemiSupervisedModule], ...] = (
     Supervised,

@@ -4,7 +4,9 @@
 representation head, the optimizer and poly LR schedule, evaluation (mIoU and per-class
 IoU at the last and the best validation, whole-image or sliding-window), TensorBoard
 logging and the best-score bookkeeping. A method subclasses it and implements
-`compute_losses(batch) -> {"loss": ..., other logged entries}`.
+`compute_losses(batch) -> {"loss": ..., other logged entries}`; hooks let it change what the
+base does otherwise: `update_teacher` (the teacher's schedule), `lr_factor` (the LR schedule),
+`evaluate_batch` and `end_evaluation` (what validation and test score).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from pytorch_lightning.cli import OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassConfusionMatrix
 
+from src.datasets.base import IGNORE_INDEX
 from src.networks import RepresentationHead, Segmenter
 from src.pl_modules.diagnostics import pseudo_label_counts, training_state_kept
 from src.pl_modules.ops import ema_decay, ema_update
@@ -114,11 +117,16 @@ class SemiSupervisedModule(pl.LightningModule, ABC):
     uses_teacher = False
     uses_unlabeled = False
     uses_representation = False
+    # The teacher follows the student after each optimizer step (ReCo), or before it (C3-SemiSeg).
+    teacher_update_before_step = False
+    # Validation and test score the mIoU; a method that scores something else (pretraining) sets
+    # False and replaces `evaluate_batch` and `end_evaluation`.
+    evaluates_miou = True
 
     def __init__(
         self,
         num_classes: int = 8,
-        ignore_index: int = 255,
+        ignore_index: int = IGNORE_INDEX,
         class_names: list[str] | None = None,
         arch: str = "DeepLabV3Plus",
         encoder_name: str = "resnet18",
@@ -174,11 +182,12 @@ class SemiSupervisedModule(pl.LightningModule, ABC):
                 if network is not None:
                     network.compile_parts()
 
-        roles = ["student"] + (["teacher"] if self.teacher is not None else [])
-        self.val_confusions = nn.ModuleDict(
-            {role: MulticlassConfusionMatrix(num_classes, ignore_index=ignore_index) for role in roles}
-        )
-        self.test_confusion = MulticlassConfusionMatrix(num_classes, ignore_index=ignore_index)
+        if self.evaluates_miou:
+            roles = ["student"] + (["teacher"] if self.teacher is not None else [])
+            self.val_confusions = nn.ModuleDict(
+                {role: MulticlassConfusionMatrix(num_classes, ignore_index=ignore_index) for role in roles}
+            )
+            self.test_confusion = MulticlassConfusionMatrix(num_classes, ignore_index=ignore_index)
         self.best_miou = float("nan")
         self.best_step = -1
         self._num_validations = 0
@@ -186,7 +195,7 @@ class SemiSupervisedModule(pl.LightningModule, ABC):
         self.val_history: list[tuple[int, float]] = []
         # Scalar metrics restored from a checkpoint (those logged when it was saved).
         self.checkpoint_metrics: dict[str, float] = {}
-        self._val_preview: list[tuple[Tensor, Tensor, Tensor]] = []
+        self._val_preview: list[tuple[Tensor, ...]] = []  # rows of the next validation's image grid
         self.scale_range = (float(scale_range[0]), float(scale_range[1]))
 
     # ------------------------------------------------------------------ networks
@@ -205,12 +214,34 @@ class SemiSupervisedModule(pl.LightningModule, ABC):
             self.teacher.train(self.hparams.teacher_bn == "train")
 
     @torch.no_grad()
+    def forward_in_mode(
+        self, network: nn.Module, images: Tensor, train: bool, with_features: bool = False
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """``network``'s logits, or logits and decoder features, without gradient, in a BatchNorm mode.
+
+        Args:
+            network: A `Segmenter` (the teacher, or the student labelling for itself).
+            images: (B, 3, H, W) float images.
+            train: Train mode (batch statistics, and the running ones updated) or eval mode (running statistics).
+            with_features: Return ``forward_features``'s (logits, decoder features) instead of the logits.
+
+        The network's mode is put back afterwards, so a student labelling in eval mode trains on.
+        """
+        was_training = network.training
+        network.train(train)
+        try:
+            return network.forward_features(images) if with_features else network(images)
+        finally:
+            network.train(was_training)
+
+    @torch.no_grad()
     def teacher_predict(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Teacher probabilities (B, C, H, W), confidences (B, H, W) and pseudo-labels (B, H, W)."""
         if self.teacher is None:
             raise RuntimeError(f"{type(self).__name__} has no teacher (uses_teacher = False)")
         self.set_teacher_mode()
-        probs = self.teacher(images).float().softmax(dim=1)
+        logits = self.forward_in_mode(self.teacher, images, self.hparams.teacher_bn == "train")
+        probs = logits.float().softmax(dim=1)
         confidences, pseudo_labels = probs.max(dim=1)
         return probs, confidences, pseudo_labels
 
@@ -253,10 +284,20 @@ class SemiSupervisedModule(pl.LightningModule, ABC):
         )
         return losses["loss"]
 
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self.teacher is not None and self.teacher_update_before_step:
+            self.update_teacher(int(self.global_step))
+
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self.teacher is not None:
+        if self.teacher is not None and not self.teacher_update_before_step:
             # global_step counts optimizer steps already taken: the step just done is t = global_step - 1.
-            ema_update(self.teacher, self.student, ema_decay(self.global_step - 1, self.hparams.ema_decay))
+            self.update_teacher(int(self.global_step) - 1)
+
+    @torch.no_grad()
+    def update_teacher(self, step: int) -> None:
+        """Move the teacher toward the student around training step ``step``: after it, or before it
+        with ``teacher_update_before_step``. Here ReCo's EMA of the parameters, decay `ema_decay` (step)."""
+        ema_update(self.teacher, self.student, ema_decay(step, self.hparams.ema_decay))
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Every parameter the optimizer updates: all but the teacher's."""
@@ -265,13 +306,13 @@ class SemiSupervisedModule(pl.LightningModule, ABC):
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = self.optimizer_factory(self.trainable_parameters())
         total = max(int(self.trainer.max_steps), 1)
-        power, floor = self.hparams.lr_power, self.hparams.min_lr_ratio
-
-        def poly(step: int) -> float:
-            return max((1.0 - min(step, total) / total) ** power, floor)
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: self.lr_factor(step, total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def lr_factor(self, step: int, total_steps: int) -> float:
+        """The LR multiplier at optimizer step ``step`` of ``total_steps``: the poly schedule, floored."""
+        progress = min(step, total_steps) / total_steps
+        return max((1.0 - progress) ** self.hparams.lr_power, self.hparams.min_lr_ratio)
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
@@ -336,7 +377,29 @@ class SemiSupervisedModule(pl.LightningModule, ABC):
         return (diagnostic_scores(totals) if totals else {}), preview
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self.evaluate_batch("val", batch, batch_idx)
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self.evaluate_batch("test", batch, batch_idx)
+
+    def on_validation_epoch_end(self) -> None:
+        self.end_evaluation("val")
+
+    def on_test_epoch_end(self) -> None:
+        self.end_evaluation("test")
+
+    def evaluate_batch(self, stage: str, batch: dict[str, Tensor], batch_idx: int) -> None:
+        """Add an evaluation batch of ``stage`` (``val`` or ``test``) to its scores.
+
+        Here the mIoU's confusion matrices: of every network at validation, of the reported one at
+        test; nothing with ``evaluates_miou = False``.
+        """
+        if not self.evaluates_miou:
+            return
         images, masks = batch["image"], batch["mask"]
+        if stage == "test":
+            self.test_confusion.update(self.predict_logits(self.eval_network(), images).argmax(dim=1), masks)
+            return
         reported = "teacher" if self.eval_network() is self.teacher else "student"
         for role, confusion in self.val_confusions.items():
             predictions = self.predict_logits(getattr(self, role), images).argmax(dim=1)
@@ -345,7 +408,23 @@ class SemiSupervisedModule(pl.LightningModule, ABC):
                 n = self.hparams.num_log_images
                 self._val_preview = [(images[:n].cpu(), masks[:n].cpu(), predictions[:n].cpu())]
 
-    def on_validation_epoch_end(self) -> None:
+    def end_evaluation(self, stage: str) -> None:
+        """Log the scores of ``stage`` at the end of its loop and reset them.
+
+        Here mIoU, pixel accuracy and per-class IoU, and after a validation (not the sanity check)
+        its entry in ``val_history``, the best mIoU and the image grid; nothing with
+        ``evaluates_miou = False``.
+        """
+        if not self.evaluates_miou:
+            return
+        if stage == "test":
+            iou, accuracy = iou_from_confusion(self.test_confusion.compute())
+            self.test_confusion.reset()
+            self.log("test/miou", _mean_iou(iou))
+            self.log("test/pixel_acc", float(accuracy) * 100)
+            self.log_dict({f"test/iou/{name}": v * 100 for name, v in zip(self.class_names, iou.nan_to_num(0.0).tolist())})
+            self.last_test_iou = iou
+            return
         scores = {}
         for role, confusion in self.val_confusions.items():
             scores[role] = iou_from_confusion(confusion.compute())
@@ -375,18 +454,6 @@ class SemiSupervisedModule(pl.LightningModule, ABC):
                 rows.append((example[0].cpu(), example[1].cpu(), example[2].argmax(dim=1).cpu()))
             self._log_grid("val/predictions", rows)
             self._val_preview = []
-
-    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        logits = self.predict_logits(self.eval_network(), batch["image"])
-        self.test_confusion.update(logits.argmax(dim=1), batch["mask"])
-
-    def on_test_epoch_end(self) -> None:
-        iou, accuracy = iou_from_confusion(self.test_confusion.compute())
-        self.test_confusion.reset()
-        self.log("test/miou", _mean_iou(iou))
-        self.log("test/pixel_acc", float(accuracy) * 100)
-        self.log_dict({f"test/iou/{name}": v * 100 for name, v in zip(self.class_names, iou.nan_to_num(0.0).tolist())})
-        self.last_test_iou = iou
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         return self.predict_logits(self.eval_network(), batch["image"]).argmax(dim=1)

@@ -15,8 +15,8 @@ import torch
 from torch import Tensor
 
 from src.pl_modules.base import SemiSupervisedModule
-from src.pl_modules.ops import MIX_MODES, confidence_weighted_ce, mix_unlabeled, random_rescale_crop, strong_augment
-
+from src.pl_modules.ops import (MIX_MODES, confidence_weighted_ce, mix_unlabeled, overwrite_given, random_rescale_crop,
+                                 strong_augment)
 
 
 class MeanTeacher(SemiSupervisedModule):
@@ -65,16 +65,13 @@ class MeanTeacher(SemiSupervisedModule):
     def make_unlabeled_targets(self, unlabeled: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         """Teacher pseudo-labels on the raw crops, then rescale, mix and strong augmentation (no grad).
 
-        Returns the augmented images (B, 3, H, W), pseudo-labels (B, H, W) with 255 where
-        invalid, and confidences (B, H, W) with 0 where invalid.
+        Returns the augmented images (B, 3, H, W), pseudo-labels (B, H, W) with ``ignore_index``
+        where invalid, and confidences (B, H, W) with 0 where invalid.
         """
         images_u = unlabeled["image"]
         _, confidences, pseudo_labels = self.teacher_predict(images_u)
-        if "mask" in unlabeled:
-            # Partial labels (METHODS.md 3): given pixels overwrite the pseudo-label with confidence 1.
-            given = unlabeled["mask"] != self.ignore_index
-            pseudo_labels = torch.where(given, unlabeled["mask"], pseudo_labels)
-            confidences = torch.where(given, torch.ones_like(confidences), confidences)
+        if "mask" in unlabeled:  # partial labels
+            pseudo_labels, confidences = overwrite_given(pseudo_labels, confidences, unlabeled["mask"], self.ignore_index)
         images_u, pseudo_labels, confidences = random_rescale_crop(images_u, pseudo_labels, confidences, self.scale_range)
         images_u, pseudo_labels, confidences = mix_unlabeled(self.mix_mode, images_u, pseudo_labels, confidences)
         return strong_augment(images_u, pseudo_labels, confidences)

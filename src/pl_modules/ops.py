@@ -1,4 +1,4 @@
-"""Small pure tensor functions shared by several methods (METHODS.md sections 1.5, 3 and 4).
+"""Small pure tensor functions shared by several methods (METHODS.md sections 1.5, 3, 4, 6, 7 and 8).
 
 Conventions: images are float (B, 3, H, W) in [0, 1] (the network normalises them),
 pseudo-labels (B, H, W) long with 255 where invalid, confidences (B, H, W) float in [0, 1]
@@ -11,15 +11,19 @@ inputs give the same outputs, and a CPU generator gives the same draws whatever 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-IGNORE_INDEX = 255
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
+from src.datasets.base import IGNORE_INDEX
+from src.losses.reco import downsample_nearest
+from src.networks.segmenter import IMAGENET_MEAN
+
 MIX_MODES = ("none", "cutout", "cutmix", "classmix")
+_TRIES_PER_ROUND = 32  # `cutmix_boxes` tries per sample and round
+ALL_CHANNELS = 3  # channel index of a whole-pixel hole in `sample_holes`
 
 
 def _uniform(shape: Sequence[int], generator: torch.Generator | None) -> Tensor:
@@ -66,14 +70,12 @@ def sigmoid_rampup(step: float, length: float) -> float:
     return math.exp(-5.0 * phase * phase)
 
 
-def pool_to_stride(features: Tensor, stride: int, input_width: int) -> Tensor:
-    """Decoder features (N, F, h, w) average-pooled to ``stride`` input pixels per cell.
-
-    A decoder finer than ``stride`` (U-Net: stride 1) is pooled by the nearest integer factor; a
-    coarser or equal one is returned as it is.
-    """
-    pool = max(1, round(stride * features.shape[-1] / input_width))
-    return F.avg_pool2d(features, pool, ceil_mode=True) if pool > 1 else features
+def warmup_cosine(step: int, total_steps: int, warmup_steps: int, floor: float) -> float:
+    """LR multiplier: linear from ``floor`` to 1 over ``warmup_steps``, then cosine down to ``floor`` at the end."""
+    if step < warmup_steps:
+        return floor + (1.0 - floor) * step / warmup_steps
+    progress = min((step - warmup_steps) / max(total_steps - warmup_steps, 1), 1.0)
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 # ---------------------------------------------------------------------------------------- losses
@@ -118,6 +120,41 @@ def confidence_weighted_ce(
     weighted = torch.where(counted, pixel_loss * eta.view(-1, 1, 1), torch.zeros_like(pixel_loss))
     loss = weighted.sum() / counted.sum().clamp(min=1)
     return loss, confident_fraction(confidences, valid, threshold)
+
+
+def thresholded_ce(
+    logits: Tensor, pseudo_labels: Tensor, confidences: Tensor, valid: Tensor, threshold: float,
+    ignore_index: int = IGNORE_INDEX,
+) -> Tensor:
+    """UniMatch's unlabeled term: ``sum(CE * [conf >= threshold] * valid) / #valid`` (METHODS.md 8 step 5).
+
+    Pixels under the threshold add nothing (and get no gradient) but count in the denominator, as
+    every valid pixel does. No valid pixel gives 0, still attached to the graph.
+    """
+    kept = valid & (confidences >= threshold)
+    targets = torch.where(kept, pseudo_labels, ignore_index)
+    pixel_loss = F.cross_entropy(logits.float(), targets, ignore_index=ignore_index, reduction="none")
+    return pixel_loss.sum() / valid.sum().clamp(min=1)
+
+
+def overwrite_given(
+    pseudo_labels: Tensor, confidences: Tensor, given: Tensor, ignore_index: int = IGNORE_INDEX
+) -> tuple[Tensor, Tensor]:
+    """Partial labels (METHODS.md 3): a given pixel's label replaces the pseudo-label, with confidence 1.
+
+    Args:
+        pseudo_labels: (B, H, W) long.
+        confidences: (B, H, W) confidences, or (B, C, H, W) probabilities: a given pixel's become
+            the one-hot vector of its label.
+        given: (B, H, W) long, the given labels, ``ignore_index`` where none is given.
+        ignore_index: Label of pixels without a given label.
+    """
+    known = given != ignore_index
+    labels = torch.where(known, given, pseudo_labels)
+    if confidences.dim() == labels.dim() + 1:
+        one_hot = F.one_hot(labels, confidences.shape[1]).permute(0, 3, 1, 2).to(confidences.dtype)
+        return labels, torch.where(known.unsqueeze(1), one_hot, confidences)
+    return labels, torch.where(known, 1.0, confidences)
 
 
 # ---------------------------------------------------------------------------------------- masks and mixing
@@ -176,11 +213,106 @@ def classmix_masks(
     return chosen.gather(1, slots).view_as(pseudo_labels)
 
 
+def cutmix_boxes(
+    batch_size: int,
+    height: int,
+    width: int,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+    p: float = 0.5,
+    area_range: tuple[float, float] = (0.02, 0.4),
+    aspect_range: tuple[float, float] = (0.3, 1 / 0.3),
+    max_tries: int = 1024,
+) -> Tensor:
+    """UniMatch's CutMix boxes (``obtain_cutmix_box``): (B, H, W) bool, True inside; no box w.p. ``1 - p``.
+
+    The area ``a = U(area_range) * H * W`` is drawn once per sample; aspect ``r ~ U(aspect_range)``,
+    size ``w = int(sqrt(a / r))``, ``h = int(sqrt(a * r))`` and a top-left corner uniform over the
+    whole image are redrawn until the box fits. Batched: tries come in rounds of 32 per sample and
+    each sample keeps its first fitting one, which is the reference's rejection sampling. After
+    ``max_tries`` (a crop so elongated that no box fits, where the reference loops forever) the
+    last try is clamped into the image.
+    """
+    u = _uniform((batch_size, 2), generator)
+    apply = u[:, 0] < p
+    area = (area_range[0] + (area_range[1] - area_range[0]) * u[:, 1]) * height * width
+    boxes = torch.zeros(batch_size, 4, dtype=torch.float64, device=u.device)  # x0, y0, w, h
+    found = ~apply  # samples without a box need no try
+    rows = torch.arange(batch_size, device=u.device)
+    for _ in range(max(1, math.ceil(max_tries / _TRIES_PER_ROUND))):
+        v = _uniform((batch_size, _TRIES_PER_ROUND, 3), generator)
+        ratio = aspect_range[0] + (aspect_range[1] - aspect_range[0]) * v[..., 0]
+        box_w = torch.floor(torch.sqrt(area.unsqueeze(1) / ratio))
+        box_h = torch.floor(torch.sqrt(area.unsqueeze(1) * ratio))
+        tries = torch.stack([torch.floor(v[..., 1] * width), torch.floor(v[..., 2] * height), box_w, box_h], -1)
+        fits = (tries[..., 0] + box_w <= width) & (tries[..., 1] + box_h <= height)  # (B, tries)
+        take = fits.any(1) & ~found
+        boxes[take] = tries[rows, fits.double().argmax(1)][take]  # argmax: the first fitting try
+        found = found | take
+        if bool(found.all()):
+            break
+    if not bool(found.all()):
+        last = tries[:, -1]
+        box_w, box_h = last[:, 2].clamp(max=width), last[:, 3].clamp(max=height)
+        clamped = torch.stack([torch.minimum(last[:, 0], width - box_w), torch.minimum(last[:, 1], height - box_h),
+                               box_w, box_h], 1)
+        boxes = torch.where(found.unsqueeze(1), boxes, clamped)
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    x0, y0, box_w, box_h = (t.long().to(device).view(-1, 1, 1) for t in boxes.unbind(1))
+    ys = torch.arange(height, device=device).view(1, -1, 1)
+    xs = torch.arange(width, device=device).view(1, 1, -1)
+    inside = (ys >= y0) & (ys < y0 + box_h) & (xs >= x0) & (xs < x0 + box_w)
+    return inside & apply.to(device).view(-1, 1, 1)
+
+
 def mix_by_mask(mask: Tensor, a: Tensor, b: Tensor) -> Tensor:
     """``a`` where ``mask`` (B, H, W) is True, ``b`` elsewhere; (B, C, H, W) inputs share the mask over C."""
     if a.dim() == mask.dim() + 1:
         mask = mask.unsqueeze(1)
     return torch.where(mask, a, b)
+
+
+def swap_halves(x: Tensor, keep: Tensor) -> Tensor:
+    """Cross-set CutMix (METHODS.md 6 step 2): samples i and P + i (P = len(keep)) swap pixels where ``keep`` is False.
+
+    An involution: the same call mixes the images and un-mixes the outputs of their forward
+    (``keep`` resized to the outputs' grid). Samples from 2P on (an odd batch) are untouched.
+    """
+    pairs = keep.shape[0]
+    first, second = x[:pairs], x[pairs : 2 * pairs]
+    return torch.cat([mix_by_mask(keep, first, second), mix_by_mask(keep, second, first), x[2 * pairs :]])
+
+
+def cross_set_cutmix_forward(
+    forward: Callable[[Tensor], tuple[Tensor, Tensor | None]], images: Tensor, cutmix: bool = True
+) -> tuple[Tensor, Tensor | None]:
+    """Outputs of ``forward`` on a randomly paired, cross-set CutMixed batch, un-mixed (METHODS.md 6 step 2).
+
+    The batch is permuted (``torch.randperm``), then samples i and P + i swap a half-area box
+    (`box_masks`, `swap_halves`); the outputs are un-mixed and un-permuted, so row i belongs to
+    ``images[i]``. NOTE: the reference draws its half-area boxes with a log-uniform aspect (same
+    area, another aspect distribution).
+
+    Args:
+        forward: Maps images (N, 3, H, W) to logits (N, C, H, W) and embeddings (N, D, h, w) or None;
+            pointwise on the embeddings' grid (a head of 1x1 convolutions), so un-mixing after it
+            equals un-mixing its input.
+        images: (N, 3, H, W).
+        cutmix: Swap the boxes (else the batch is only permuted).
+    """
+    perm = torch.randperm(len(images)).to(images.device)
+    mixed = images[perm]
+    keep = None
+    if cutmix and len(images) >= 2:
+        keep = box_masks(len(images) // 2, *images.shape[-2:], device=images.device)
+        mixed = swap_halves(mixed, keep)
+    logits, embeddings = forward(mixed)
+    if keep is not None:
+        logits = swap_halves(logits, keep)
+        if embeddings is not None:
+            embeddings = swap_halves(embeddings, downsample_nearest(keep, embeddings.shape[-2:]))
+    inverse = perm.argsort()
+    return logits[inverse], embeddings[inverse] if embeddings is not None else None
 
 
 def mix_unlabeled(
@@ -279,6 +411,19 @@ def random_hflip(
         torch.where(flip.view(-1, 1, 1), pseudo_labels.flip(-1), pseudo_labels),
         torch.where(flip.view(-1, 1, 1), confidences.flip(-1), confidences),
     )
+
+
+def weak_view(
+    images: Tensor, given_labels: Tensor, scale_range: tuple[float, float], generator: torch.Generator | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Random rescale-crop and h-flip of the unlabeled crops: images, given labels, valid (B, H, W) bool.
+
+    ``valid`` is False on the padding of a shrunk crop (UniMatch's 254 marker, ignored in the loss).
+    """
+    ones = images.new_ones(images.shape[0], *images.shape[2:])
+    images, given_labels, valid = random_rescale_crop(images, given_labels, ones, scale_range, generator)
+    images, given_labels, valid = random_hflip(images, given_labels, valid, generator)
+    return images, given_labels, valid > 0
 
 
 # ---------------------------------------------------------------------------------------- photometric
@@ -419,3 +564,94 @@ def strong_augment(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The step after mixing (METHODS.md 4 "Afterwards"): `photometric` on images, then a joint `random_hflip`."""
     return random_hflip(photometric(images, generator), pseudo_labels, confidences, generator)
+
+
+def random_grayscale(images: Tensor, generator: torch.Generator | None = None, p: float = 0.2) -> Tensor:
+    """Per sample, with probability ``p``, the luma in all three channels (torchvision ``RandomGrayscale``)."""
+    apply = (_uniform((images.shape[0],), generator) < p).to(images.device).view(-1, 1, 1, 1)
+    return torch.where(apply, _grey(images).expand_as(images), images)
+
+
+def strong_photometric(images: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """UniMatch's strong view: colour jitter (0.5, 0.5, 0.5, 0.25) p 0.8, grayscale p 0.2, blur p 0.5 sigma 0.1-2."""
+    images = colour_jitter(images, generator, 0.8, brightness=0.5, contrast=0.5, saturation=0.5, hue=0.25)
+    images = random_grayscale(images, generator, 0.2)
+    return gaussian_blur(images, generator, 0.5, sigma_range=(0.1, 2.0))
+
+
+# ---------------------------------------------------------------------------------------- corruption
+def sample_holes(
+    num_images: int,
+    height: int,
+    width: int,
+    hole_size: tuple[int, int] = (2, 16),
+    area_fraction: float = 0.5,
+    channel_hole_probability: float = 0.5,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Random holes of a batch: one row ``(image, channel, top, left, hole_height, hole_width)`` each.
+
+    Each image draws its mode: per-channel holes with ``channel_hole_probability`` (``channel``
+    in 0..2), else whole-pixel holes (``channel == 3``). Hole sides are UniformInt[low, high],
+    positions uniform with the hole inside the image. Holes are added until their summed area
+    (overlaps counted again) reaches ``area_fraction`` of H*W, or of 3*H*W for per-channel holes:
+    the last hole is the first one whose area reaches it. Numbers are drawn on the generator's
+    device (the CPU by default).
+    """
+    low, high = hole_size
+    if not 1 <= low <= high <= min(height, width):
+        raise ValueError(f"hole_size={hole_size} must satisfy 1 <= low <= high <= image side {min(height, width)}")
+    device = generator.device if generator is not None else torch.device("cpu")
+    per_channel = torch.rand(num_images, generator=generator, device=device) < channel_hole_probability
+    target = area_fraction * height * width * (1.0 + 2.0 * per_channel.double())  # (B,)
+    # Enough holes for every image on average (mean area ((low + high) / 2)^2); doubled until enough.
+    count = int(float(target.max()) / ((low + high) / 2) ** 2 * 1.25) + 8
+    while True:
+        sides = torch.randint(low, high + 1, (num_images, count, 2), generator=generator, device=device)
+        area = sides.prod(-1).double()  # (B, N)
+        if bool((area.sum(1) >= target).all()):
+            break
+        count *= 2
+    keep = area.cumsum(1) - area < target[:, None]  # the summed area before this hole is short of the target
+    u = torch.rand(num_images, count, 2, generator=generator, device=device, dtype=torch.float64)
+    room = torch.tensor([height, width], device=device) - sides + 1  # positions per axis
+    corner = torch.minimum((u * room).floor().long(), room - 1)  # (B, N, 2) top, left
+    channel = torch.randint(0, 3, (num_images, count), generator=generator, device=device)
+    channel = torch.where(per_channel[:, None], channel, ALL_CHANNELS)
+    image = torch.arange(num_images, device=device)[:, None].expand(-1, count)
+    holes = torch.stack([image, channel, corner[..., 0], corner[..., 1], sides[..., 0], sides[..., 1]], dim=-1)
+    return holes[keep]  # (B, N, 6) -> (holes, 6)
+
+
+def paint_holes(holes: Tensor, num_images: int, height: int, width: int, device: torch.device | None = None) -> Tensor:
+    """Hole masks (B, 3, H, W) bool of `sample_holes` rows: whole-pixel holes cover all 3 channels.
+
+    Corners are accumulated into a difference image and summed up (2-D prefix sum), so every hole
+    of the batch is painted at once.
+    """
+    diff = torch.zeros(num_images, 4, height + 1, width + 1, device=device)
+    image, channel, top, left, hole_h, hole_w = holes.to(device).unbind(1)
+    ones = torch.ones(len(holes), device=device)
+    for rows, cols, sign in ((top, left, 1), (top, left + hole_w, -1), (top + hole_h, left, -1),
+                             (top + hole_h, left + hole_w, 1)):
+        diff.index_put_((image, channel, rows, cols), ones * sign, accumulate=True)
+    covered = diff.cumsum(2).cumsum(3)[..., :height, :width] > 0.5  # (B, 4, H, W): 3 channels + all
+    return covered[:, :3] | covered[:, 3:]
+
+
+def coarse_cutout(
+    images: Tensor,
+    fill: Tensor,
+    hole_size: tuple[int, int] = (2, 16),
+    area_fraction: float = 0.5,
+    channel_hole_probability: float = 0.5,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Corrupted copies of ``images`` (B, 3, H, W) and their hole masks (B, 3, H, W) bool.
+
+    A masked channel value becomes that channel's ``fill`` value (3,), the dataset mean.
+    """
+    batch, _, height, width = images.shape
+    holes = sample_holes(batch, height, width, hole_size, area_fraction, channel_hole_probability, generator)
+    mask = paint_holes(holes, batch, height, width, images.device)
+    return torch.where(mask, fill.to(images).view(1, 3, 1, 1), images), mask

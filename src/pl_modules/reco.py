@@ -13,44 +13,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from src.losses.reco import downsample_nearest, reco_loss
+from src.losses.reco import reco_from_features
 from src.pl_modules.mean_teacher import MeanTeacher
-from src.pl_modules.ops import confidence_weighted_ce, pool_to_stride
-
-REPRESENTATION_STRIDE = 4  # pixels of the input per representation cell, as DeepLabV3+'s decoder
-
-
-def reco_from_features(
-    rep_head: torch.nn.Module, logits: Tensor, features: Tensor, labels: Tensor, valid: Tensor, **loss_options: Any
-) -> Tensor:
-    """The ReCo loss of a batch, from the student's outputs and full-resolution targets.
-
-    Labels and validity are brought to the representation grid with nearest sampling (one grid
-    for both), as the reference does. Decoder features finer than stride 4 are average-pooled
-    to stride 4 before the head.
-
-    Args:
-        rep_head: The representation head applied to ``features``.
-        logits: (N, C, H, W) student logits at input size; their softmax, resized bilinearly to the
-            representation grid and detached, gives each pixel's class probabilities.
-        features: (N, F, h, w) decoder features.
-        labels: (N, H, W) long labels (255 where unknown).
-        valid: (N, H, W) bool: which pixels may enter the loss.
-        **loss_options: ``strong_threshold``, ``temperature``, ``num_queries``, ``num_negatives``.
-    """
-    # The representation lives on a stride-4 grid (METHODS.md 2). A finer decoder (U-Net: stride 1)
-    # is average-pooled to it first: the loss sees the reference's pixel count, at 1/16 of the cost.
-    rep = rep_head(pool_to_stride(features, REPRESENTATION_STRIDE, labels.shape[-1]))
-    size = rep.shape[-2:]
-    # NOTE: the reference takes the softmax of its stride-4 logits; smp upsamples inside its head,
-    # so we resize the full-size logits back to the representation grid.
-    probs = F.interpolate(logits.detach().float(), size=size, mode="bilinear", align_corners=False).softmax(dim=1)
-    labels_small = downsample_nearest(labels, size)
-    valid_small = downsample_nearest(valid, size).bool() & (labels_small != 255)
-    return reco_loss(rep, labels_small, valid_small, probs, **loss_options)
+from src.pl_modules.ops import confidence_weighted_ce
 
 
 class ReCo(MeanTeacher):

@@ -10,8 +10,8 @@ from typing import Any
 
 from torch import Tensor
 
+from src.losses.reco import reco_from_features
 from src.pl_modules.base import SemiSupervisedModule
-from src.pl_modules.reco import reco_from_features
 
 
 class Supervised(SemiSupervisedModule):

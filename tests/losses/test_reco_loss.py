@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from benchmarks.reco_loss_reference import reco_loss_loop
 from src.losses import downsample_nearest, reco_loss
-from src.losses.reco import _ChunkedInfoNCE, uniform_sampler
+from src.losses.reco import _ChunkedInfoNCE, pool_to_stride, reco_from_features, uniform_sampler
 
 THRESHOLD = 0.97
 
@@ -472,3 +472,27 @@ def test_downsample_nearest_is_torch_nearest_on_one_grid(size, small):
         assert torch.equal(downsample_nearest(labels, small), labels[:, ::4, ::4])
     with pytest.raises(ValueError, match="N, H, W"):
         downsample_nearest(labels[0, 0], small)
+
+
+def test_fine_decoder_features_are_pooled_to_stride_4():
+    seen = []
+
+    class Head(torch.nn.Module):
+        def forward(self, features):
+            seen.append(tuple(features.shape))
+            return features[:, :4]
+
+    labels = torch.randint(0, 3, (2, 32, 32))
+    logits = torch.randn(2, 3, 32, 32)
+    for features, grid in ((torch.randn(2, 8, 32, 32), (8, 8)), (torch.randn(2, 8, 8, 8), (8, 8))):
+        loss = reco_from_features(Head(), logits, features, labels, torch.ones_like(labels, dtype=torch.bool),
+                                  strong_threshold=1.0, num_queries=4, num_negatives=4)
+        assert torch.isfinite(loss)
+        assert seen[-1][-2:] == grid  # U-Net's stride-1 features and DeepLabV3+'s stride-4 ones: one grid
+
+
+def test_pool_to_stride_pools_finer_features_by_the_nearest_integer_factor():
+    features = torch.arange(2 * 16 * 16, dtype=torch.float32).view(1, 2, 16, 16)
+    assert torch.equal(pool_to_stride(features, 4, 16), F.avg_pool2d(features, 4))  # stride 1 -> 4
+    assert pool_to_stride(features, 4, 64) is features  # already stride 4
+    assert pool_to_stride(features, 4, 128) is features  # coarser: left as it is

@@ -299,3 +299,21 @@ class MethodTester:
             assert not torch.equal(torch.get_rng_state(), rng)
             moved = [k for k, v in module.state_dict().items() if k.startswith("teacher.") and not torch.equal(v, state[k])]
             assert any("running_mean" in k for k in moved)
+
+
+class TeacherFreeTester(MethodTester):
+    """The contract for methods whose student labels for itself (FixMatch, UniMatch)."""
+
+    permissive_kwargs = {"confidence_threshold": 0.0}
+    threshold_kwargs = {"confidence_threshold": 0.6}
+
+    def test_unlabeled_loss_alone_moves_the_student(self):
+        # The contract's version perturbs a teacher; here the weak and strong views already differ.
+        module = self.make(**self.permissive_kwargs)
+        assert module.teacher is None
+        batch = make_batch(1)
+        batch["labeled"]["mask"].fill_(255)
+        losses = module.compute_losses(batch)
+        assert losses["loss_sup"].item() == 0 and losses["loss_unsup"].item() > 0
+        losses["loss"].backward()
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.student.parameters())

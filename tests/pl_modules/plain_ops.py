@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import src.losses.c3 as c3_losses
+import src.losses.reco as reco_losses
 import src.pl_modules.mean_teacher as mean_teacher
 import src.pl_modules.ops as ops
 import src.pl_modules.reco as reco
@@ -100,6 +101,7 @@ def use_plain_ops(monkeypatch) -> Counter:
     monkeypatch.setattr(ops, "classmix_masks", counted("classmix_masks", classmix_masks))
     monkeypatch.setattr(c3_losses, "pixel_contrastive_loss", counted("pixel_contrastive_loss", pixel_contrastive_loss))
     # ReCo: the gathered keys one class at a time (METHODS.md 5.1 steps 5-6) instead of the dense matmul.
-    fast_reco = reco.reco_loss
-    monkeypatch.setattr(reco, "reco_loss", counted("reco_loss", functools.partial(fast_reco, dense=False, chunk_bytes=1)))
+    fast_reco = reco_losses.reco_loss
+    plain_reco = functools.partial(fast_reco, dense=False, chunk_bytes=1)
+    monkeypatch.setattr(reco_losses, "reco_loss", counted("reco_loss", plain_reco))
     return calls

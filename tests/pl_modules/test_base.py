@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 
 from src.pl_modules.base import iou_from_confusion, sliding_window_logits
@@ -93,3 +94,28 @@ def test_compile_keeps_parameter_names_and_outputs():
         logits, _ = compiled.student.eval().forward_features(images)
     torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
     assert compiled.student.model.encoder._compiled_call_impl is not None
+
+
+def test_forward_in_mode_runs_without_gradient_in_the_mode_asked_then_restores_it():
+    module = _fast_path_module()
+    images = torch.rand(2, 3, 32, 32)
+    student = module.student.train()
+    running = [m.running_mean.clone() for m in student.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    logits = module.forward_in_mode(student, images, train=False)
+    assert student.training and all(m.training for m in student.modules())
+    assert not logits.requires_grad
+    with torch.no_grad():
+        assert torch.equal(logits, student.eval()(images))  # running statistics, untouched by the call
+    after = [m.running_mean for m in student.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert all(torch.equal(a, b) for a, b in zip(running, after))
+    student.eval()
+    logits, features = module.forward_in_mode(student, images, train=True, with_features=True)
+    assert not student.training and features.shape[0] == 2
+    assert any(not torch.equal(a, b) for a, b in zip(running, after))  # train mode: batch statistics, updated
+
+
+def test_lr_factor_is_the_floored_poly_schedule():
+    module = _fast_path_module(lr_power=0.9, min_lr_ratio=0.05)
+    assert module.lr_factor(0, 100) == 1.0
+    assert module.lr_factor(50, 100) == pytest.approx(0.5**0.9)
+    assert module.lr_factor(99, 100) == 0.05 and module.lr_factor(150, 100) == 0.05

@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
+from src.networks import projection_head
 from src.pl_modules import C3SemiSeg
-from src.pl_modules.c3semiseg import projection_head, swap_halves
 from tests.pl_modules.method_tester import MethodTester, labeller_of, make_batch, probabilities, tiny_kwargs
 
 # The unlabeled phase from the first step, without ramp-up, so the contract covers every term.
@@ -96,13 +96,6 @@ def test_without_ema_the_student_is_its_own_teacher():
 
 
 def test_cross_set_cutmix_is_undone_on_the_outputs():
-    keep = torch.ones(2, 4, 4, dtype=torch.bool)
-    keep[:, :2] = False
-    x = torch.arange(5.0).view(5, 1, 1, 1).expand(5, 1, 4, 4)
-    mixed = swap_halves(x, keep)
-    assert mixed[0, 0, 0, 0] == 2 and mixed[0, 0, 3, 0] == 0 and mixed[2, 0, 0, 0] == 0  # pairs (0, 2), (1, 3)
-    assert torch.equal(mixed[4], x[4])  # the odd one out
-    assert torch.equal(swap_halves(mixed, keep), x)
     # A pixel-wise network: permuting, mixing, un-mixing and un-permuting give its plain outputs.
     module = make(embedding_stride=1)
     module.student.forward_features = lambda images: (images[:, :3] * 2, images)

@@ -1,4 +1,4 @@
-"""Value checks for the shared tensor functions in src/pl_modules/ops.py (METHODS.md sections 1.5, 3, 4)."""
+"""Value checks for the shared tensor functions in src/pl_modules/ops.py (METHODS.md sections 1.5, 3, 4, 6-8)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from src.networks.segmenter import IMAGENET_MEAN
 from src.pl_modules import ops
 
 H, W = 8, 12
@@ -74,6 +76,14 @@ def test_sigmoid_rampup():
     assert ops.sigmoid_rampup(0, 0) == 1.0
 
 
+def test_warmup_then_cosine():
+    values = [ops.warmup_cosine(step, 100, 10, 0.01) for step in range(101)]
+    assert values[0] == pytest.approx(0.01) and values[10] == pytest.approx(1.0) and values[100] == pytest.approx(0.01)
+    assert values[55] == pytest.approx(0.01 + 0.99 * 0.5)
+    assert all(a < b for a, b in zip(values[:10], values[1:11]))
+    assert all(a > b for a, b in zip(values[10:], values[11:]))
+
+
 # ---------------------------------------------------------------------------------------- loss
 def _ce(logits: list[float], target: int) -> float:
     return math.log(sum(math.exp(v) for v in logits)) - logits[target]
@@ -104,6 +114,42 @@ def test_confidence_weighted_ce_no_valid_pixel_is_zero():
     assert fraction.item() == 0.0
     loss.backward()  # graph kept
     assert torch.equal(logits.grad, torch.zeros_like(logits))
+
+
+def test_pixels_under_the_threshold_contribute_nothing():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 3, 8, 8, generator=g, requires_grad=True)
+    labels = torch.randint(0, 3, (2, 8, 8), generator=g)
+    confidences = torch.rand(2, 8, 8, generator=g)
+    valid = torch.rand(2, 8, 8, generator=g) > 0.2
+    loss = ops.thresholded_ce(logits, labels, confidences, valid, threshold=0.5)
+    loss.backward()
+    kept = valid & (confidences >= 0.5)
+    assert 0 < kept.sum() < valid.sum()
+    # Denominator: every valid pixel, confident or not (METHODS.md 8 step 5).
+    expected = F.cross_entropy(logits, labels, reduction="none")[kept].sum() / valid.sum()
+    assert torch.allclose(loss, expected)
+    grad_per_pixel = logits.grad.abs().sum(1)
+    assert (grad_per_pixel[~kept] == 0).all() and (grad_per_pixel[kept] > 0).all()
+    with torch.no_grad():  # changing the ignored pixels' logits leaves the loss unchanged
+        changed = torch.where(kept.unsqueeze(1), logits, torch.randn_like(logits) * 10)
+        assert torch.equal(ops.thresholded_ce(changed, labels, confidences, valid, 0.5), loss.detach())
+    nothing_valid = ops.thresholded_ce(logits, labels, confidences, torch.zeros_like(valid), 0.5)
+    assert nothing_valid.item() == 0 and nothing_valid.requires_grad
+
+
+def test_overwrite_given_gives_given_pixels_their_label_with_confidence_one():
+    _, labels, confidences = batch()
+    given = torch.full_like(labels, 255)
+    given[:, 2, 3], given[0, 5, 5] = 2, 0
+    new_labels, new_confidences = ops.overwrite_given(labels, confidences, given)
+    known = given != 255
+    assert torch.equal(new_labels[known], given[known]) and (new_confidences[known] == 1).all()
+    assert torch.equal(new_labels[~known], labels[~known]) and torch.equal(new_confidences[~known], confidences[~known])
+    probs = torch.rand(3, 4, H, W, generator=gen()).softmax(dim=1)
+    _, new_probs = ops.overwrite_given(probs.argmax(dim=1), probs, given)  # probabilities: the given label's one-hot
+    assert torch.equal(new_probs.permute(0, 2, 3, 1)[known], F.one_hot(given[known], 4).float())
+    assert torch.equal(new_probs.permute(0, 2, 3, 1)[~known], probs.permute(0, 2, 3, 1)[~known])
 
 
 # ---------------------------------------------------------------------------------------- boxes
@@ -144,7 +190,7 @@ def test_cutout_fills_mean_colour_and_ignores_box():
     assert box.any()
     assert (out_labels[box] == 255).all() and (out_confs[box] == 0).all()
     assert torch.equal(out_labels[keep], labels[keep]) and torch.equal(out_confs[keep], confs[keep])
-    mean = torch.tensor(ops.IMAGENET_MEAN)
+    mean = torch.tensor(IMAGENET_MEAN)
     assert torch.equal(out_images.permute(0, 2, 3, 1)[box], mean.expand(int(box.sum()), 3))
     assert torch.equal(out_images.permute(0, 2, 3, 1)[keep], images.permute(0, 2, 3, 1)[keep])
 
@@ -201,6 +247,36 @@ def test_classmix_pastes_chosen_classes_over_next_sample():
     # 255 survives: wherever the chosen source pixel was invalid the output is invalid with confidence 0
     source = torch.where(mask, labels, torch.roll(labels, -1, 0))
     assert torch.equal(out[1] == 255, source == 255) and (out[2][out[1] == 255] == 0).all()
+
+
+def test_cutmix_boxes_follow_the_reference_ranges():
+    g = torch.Generator().manual_seed(0)
+    boxes = ops.cutmix_boxes(400, 32, 48, g, p=1.0)
+    area = boxes.flatten(1).sum(1).double() / (32 * 48)
+    assert boxes.any(1).any(1).all() and area.max() <= 0.4 and area.min() > 0.005
+    rows, cols = boxes.any(2).sum(1), boxes.any(1).sum(1)
+    assert torch.equal(rows * cols, boxes.flatten(1).sum(1))  # each mask is one rectangle
+    assert not ops.cutmix_boxes(50, 32, 32, g, p=0.0).any()
+    half = ops.cutmix_boxes(400, 32, 32, g, p=0.5).flatten(1).any(1).float().mean()
+    assert 0.4 < half < 0.6
+    assert ops.cutmix_boxes(4, 2, 512, g, p=1.0).any(1).any(1).all()  # no box can fit: clamped, no endless loop
+def test_swap_halves_is_an_involution_between_the_pairs():
+    keep = torch.ones(2, 4, 4, dtype=torch.bool)
+    keep[:, :2] = False
+    x = torch.arange(5.0).view(5, 1, 1, 1).expand(5, 1, 4, 4)
+    mixed = ops.swap_halves(x, keep)
+    assert mixed[0, 0, 0, 0] == 2 and mixed[0, 0, 3, 0] == 0 and mixed[2, 0, 0, 0] == 0  # pairs (0, 2), (1, 3)
+    assert torch.equal(mixed[4], x[4])  # the odd one out
+    assert torch.equal(ops.swap_halves(mixed, keep), x)
+
+
+def test_cross_set_cutmix_forward_gives_a_pixelwise_network_its_plain_outputs():
+    # Permuting, mixing, un-mixing and un-permuting cancel out for a network that works pixel by pixel.
+    images = torch.rand(5, 3, 8, 8)
+    for cutmix in (True, False):
+        logits, embeddings = ops.cross_set_cutmix_forward(lambda x: (x * 2, x[:, :2] + 1), images, cutmix)
+        assert torch.equal(logits, images * 2) and torch.equal(embeddings, images[:, :2] + 1)
+    assert ops.cross_set_cutmix_forward(lambda x: (x, None), images)[1] is None
 
 
 def test_mix_by_mask_broadcasts_over_channels():
@@ -336,6 +412,14 @@ def test_gaussian_blur_keeps_constants_and_smooths():
     torch.testing.assert_close(blurred.mean(), noise.mean(), rtol=0, atol=0.05)
 
 
+def test_random_grayscale_replaces_chosen_samples_by_their_luma():
+    images = torch.rand(6, 3, H, W, generator=gen())
+    grey = ops.random_grayscale(images, gen(1), p=1.0)
+    luma = 0.299 * images[:, 0] + 0.587 * images[:, 1] + 0.114 * images[:, 2]
+    assert torch.allclose(grey, luma.unsqueeze(1).expand_as(images))
+    assert torch.equal(ops.random_grayscale(images, gen(1), p=0.0), images)
+
+
 # ---------------------------------------------------------------------------------------- determinism, B = 1
 def _pipeline(seed: int, b: int = 3) -> list[torch.Tensor]:
     g = gen(seed)
@@ -365,3 +449,59 @@ def test_batch_of_one():
     assert all(torch.equal(a, b) for a, b in zip(classmix, (images, labels, confs)))
     assert out[12].shape == (1, 3, H, W) and out[13].shape == (1, H, W) and out[14].shape == (1, H, W)
     assert out[15].shape == (1, 3, H, W) and out[-2].shape == (1, H, W) and out[-1].shape == (1, H, W)
+
+
+# ---------------------------------------------------------------------------------------- corruption
+def holes_of(holes: torch.Tensor, image: int) -> torch.Tensor:
+    return holes[holes[:, 0] == image]
+
+
+def test_holes_are_blocks_of_the_configured_size_until_the_summed_area_reaches_the_fraction():
+    height, width, low, high, fraction = 48, 40, 4, 9, 0.5
+    holes = ops.sample_holes(12, height, width, (low, high), fraction, 0.5, torch.Generator().manual_seed(0))
+    _, channel, top, left, hole_h, hole_w = holes.unbind(1)
+    assert ((hole_h >= low) & (hole_h <= high) & (hole_w >= low) & (hole_w <= high)).all()
+    assert {int(v) for v in hole_h.unique()} == set(range(low, high + 1))  # every size is drawn
+    assert (top >= 0).all() and (left >= 0).all() and (top + hole_h <= height).all() and (left + hole_w <= width).all()
+    modes = set()
+    for image in range(12):
+        own = holes_of(holes, image)
+        per_channel = bool((own[:, 1] < 3).all())
+        assert per_channel or bool((own[:, 1] == 3).all())  # one mode per image
+        modes.add(per_channel)
+        target = fraction * height * width * (3 if per_channel else 1)
+        areas = own[:, 4] * own[:, 5]
+        # Added until the summed area (overlaps counted again) reaches the target, not one more.
+        assert areas.sum() >= target > areas.sum() - areas[-1]
+    assert modes == {True, False}
+    assert len(ops.sample_holes(2, height, width, (low, high), 0.0)) == 0
+
+
+def opening(mask: torch.Tensor, side: int) -> torch.Tensor:
+    """Pixels of ``mask`` (B, C, H, W) that lie in some fully masked side x side square."""
+    full_squares = F.avg_pool2d(mask.float(), side, stride=1) > 1 - 1e-6  # by top-left corner
+    return F.max_pool2d(F.pad(full_squares.float(), (side - 1,) * 4), side, stride=1) > 0
+
+
+def test_masks_are_the_union_of_coarse_blocks_and_cover_about_the_configured_fraction():
+    height, width, low = 64, 56, 5
+    images = torch.rand(8, 3, height, width)
+    fill = torch.tensor([0.25, 0.5, 0.75])
+    corrupted, mask = ops.coarse_cutout(images, fill, (low, 12), 0.5, 0.5, torch.Generator().manual_seed(1))
+    holes = ops.sample_holes(8, height, width, (low, 12), 0.5, 0.5, torch.Generator().manual_seed(1))
+    assert torch.equal(mask, ops.paint_holes(holes, 8, height, width))
+    expected = torch.zeros_like(mask)  # slow painting, one hole at a time
+    for image, channel, top, left, hole_h, hole_w in holes.tolist():
+        channels = slice(0, 3) if channel == 3 else slice(channel, channel + 1)
+        expected[image, channels, top : top + hole_h, left : left + hole_w] = True
+    assert torch.equal(mask, expected)
+    # Coarse: every masked pixel lies in a fully masked low x low square (an opening keeps the mask),
+    # though not in a square larger than the largest hole.
+    assert torch.equal(opening(mask, low), mask)
+    assert not torch.equal(opening(mask, 13), mask)
+    # Summed area 50 % of the pixels (of the channel-pixels with per-channel holes): overlaps leave
+    # about 1 - exp(-0.5) = 39 % covered.
+    covered = mask.float().mean().item()
+    assert 0.3 < covered < 0.5
+    assert torch.equal(corrupted[mask], fill.view(1, 3, 1, 1).expand_as(images)[mask])
+    assert torch.equal(corrupted[~mask], images[~mask])

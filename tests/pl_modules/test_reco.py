@@ -28,22 +28,3 @@ def test_labeled_targets_partial_mode_adds_confident_predictions():
     labels, valid = labeled_reco_targets(logits, masks, 255, 0.97, partial=True)
     assert valid.tolist() == [[[True, False], [False, True]]]
     assert labels[0, 0, 0] == 1 and labels[0, 1, 1] == 2
-
-
-def test_fine_decoder_features_are_pooled_to_stride_4():
-    from src.pl_modules.reco import reco_from_features
-
-    seen = []
-
-    class Head(torch.nn.Module):
-        def forward(self, features):
-            seen.append(tuple(features.shape))
-            return features[:, :4]
-
-    labels = torch.randint(0, 3, (2, 32, 32))
-    logits = torch.randn(2, 3, 32, 32)
-    for features, grid in ((torch.randn(2, 8, 32, 32), (8, 8)), (torch.randn(2, 8, 8, 8), (8, 8))):
-        loss = reco_from_features(Head(), logits, features, labels, torch.ones_like(labels, dtype=torch.bool),
-                                  strong_threshold=1.0, num_queries=4, num_negatives=4)
-        assert torch.isfinite(loss)
-        assert seen[-1][-2:] == grid  # U-Net's stride-1 features and DeepLabV3+'s stride-4 ones: one grid

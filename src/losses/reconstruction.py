@@ -1,0 +1,111 @@
+"""Reconstruction pretraining's loss (METHODS.md section 7 "Loss"): ``L1 + w * (1 - MS-SSIM)``.
+
+Multi-scale SSIM (Wang et al., 2003) as pytorch_msssim computes it, in fp32, batched.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# Per-scale exponents of MS-SSIM (Wang et al., 2003), finest scale first.
+MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
+
+
+def gaussian_window(size: int, sigma: float = 1.5) -> Tensor:
+    """Normalised 1-D Gaussian (size,) centred on the middle tap (pytorch_msssim's `_fspecial_gauss_1d`)."""
+    coords = torch.arange(size, dtype=torch.float32) - size // 2
+    window = torch.exp(-(coords**2) / (2 * sigma**2))
+    return window / window.sum()
+
+
+def _band(size: int, window: Tensor) -> Tensor:
+    """(size - k + 1, size) matrix whose row i holds ``window`` at columns i..i+k-1: a valid 1-D correlation."""
+    rows, taps = size - window.numel() + 1, window.numel()
+    columns = torch.arange(rows, device=window.device)[:, None] + torch.arange(taps, device=window.device)
+    return window.new_zeros(rows, size).scatter_(1, columns, window.expand(rows, taps))
+
+
+def fitting_scales(height: int, width: int, window_size: int = 11, max_scales: int = 5) -> int:
+    """Most MS-SSIM scales (at most ``max_scales``) an image of this size allows.
+
+    pytorch_msssim's rule: the smaller side must exceed ``(window_size - 1) * 2**(scales - 1)``.
+    """
+    scales = 0
+    while scales < max_scales and min(height, width) > (window_size - 1) * 2**scales:
+        scales += 1
+    return scales
+
+
+def ms_ssim(x: Tensor, y: Tensor, scales: int = 5, window_size: int = 11, data_range: float = 1.0) -> Tensor:
+    """Mean multi-scale SSIM of two batches (B, C, H, W), as pytorch_msssim's ``ms_ssim``.
+
+    Gaussian window (sigma 1.5) without padding, K = (0.01, 0.03), 2x2 average pooling between
+    scales; the contrast-structure terms of the first ``scales - 1`` scales and the SSIM of the
+    last are raised to the MS-SSIM weights and multiplied. With fewer than 5 scales the first
+    weights are used, renormalised to sum 1 (then 1 scale is plain SSIM). Computed in fp32 even
+    under autocast: the variances are differences of blurred squares, which bf16 would cancel.
+    """
+    if not 1 <= scales <= len(MS_SSIM_WEIGHTS):
+        raise ValueError(f"scales must be in [1, {len(MS_SSIM_WEIGHTS)}], got {scales}")
+    if fitting_scales(*x.shape[-2:], window_size, scales) < scales:
+        raise ValueError(
+            f"images of {tuple(x.shape[-2:])} are too small for {scales} MS-SSIM scales with a {window_size}-tap "
+            f"window (the smaller side must exceed {(window_size - 1) * 2 ** (scales - 1)})"
+        )
+    dtype = torch.promote_types(torch.promote_types(x.dtype, y.dtype), torch.float32)  # fp32 or fp64
+    x, y = x.to(dtype), y.to(dtype)
+    window = gaussian_window(window_size).to(x)
+    channels = x.shape[1]
+
+    def blur(*ts: Tensor) -> tuple[Tensor, ...]:
+        # The valid (unpadded) separable Gaussian blur as two banded matmuls, all five maps of a
+        # scale at once: on CPU several times faster than depthwise convolutions of these sizes.
+        stacked = torch.cat(ts, dim=1)
+        with torch.autocast(stacked.device.type, enabled=False):
+            blurred = _band(stacked.shape[-2], window) @ stacked @ _band(stacked.shape[-1], window).T
+        return blurred.split(channels, dim=1)
+
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    weights = torch.tensor(MS_SSIM_WEIGHTS[:scales], dtype=x.dtype, device=x.device)
+    weights = weights / weights.sum()
+    terms = []
+    for scale in range(scales):
+        mu_x, mu_y, xx, yy, xy = blur(x, y, x * x, y * y, x * y)
+        var_x, var_y, cov = xx - mu_x**2, yy - mu_y**2, xy - mu_x * mu_y
+        cs_map = (2 * cov + c2) / (var_x + var_y + c2)
+        if scale < scales - 1:
+            terms.append(cs_map.flatten(2).mean(-1))  # (B, C)
+            padding = (x.shape[2] % 2, x.shape[3] % 2)
+            x, y = F.avg_pool2d(x, 2, padding=padding), F.avg_pool2d(y, 2, padding=padding)
+        else:
+            luminance = (2 * mu_x * mu_y + c1) / (mu_x**2 + mu_y**2 + c1)
+            terms.append((luminance * cs_map).flatten(2).mean(-1))
+    # NOTE: pytorch_msssim clamps with relu; a floor of 1e-6 keeps the gradient of t**w finite at 0.
+    stacked = torch.stack(terms).clamp(min=1e-6)  # (scales, B, C)
+    return (stacked ** weights.view(-1, 1, 1)).prod(0).mean()
+
+
+def reconstruction_loss(
+    prediction: Tensor, target: Tensor, ssim_weight: float = 1.0, scales: int = 5, window_size: int = 11
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``L1 + ssim_weight * (1 - MS-SSIM)`` over every pixel, with its two terms.
+
+    Args:
+        prediction: (B, C, H, W) network output (computed in fp32).
+        target: (B, C, H, W), on the scale of ``prediction``. MS-SSIM takes a data range of 1, whatever
+            the scale: the reference's quirk on normalised tensors.
+        ssim_weight: Weight of ``1 - MS-SSIM``; 0 skips MS-SSIM (then reported as 0).
+        scales: MS-SSIM scales (see `fitting_scales`).
+        window_size: Side of MS-SSIM's Gaussian window.
+
+    Returns:
+        ``(loss, l1, ms_ssim)``.
+    """
+    prediction = prediction.float()
+    l1 = F.l1_loss(prediction, target)
+    if ssim_weight == 0:
+        return l1, l1, prediction.new_zeros(())
+    similarity = ms_ssim(prediction, target, scales, window_size)
+    return l1 + ssim_weight * (1.0 - similarity), l1, similarity

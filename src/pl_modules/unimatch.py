@@ -1,0 +1,60 @@
+"""UniMatch (Yang et al., CVPR 2023, arXiv:2208.09910), as in UniMatch's code (METHODS.md 8).
+
+FixMatch (`src.pl_modules.fixmatch`) with two strong views, plus a stream decoded from
+channel-dropped encoder features of the weak view that learns the weak view's pseudo-labels.
+Each unlabeled term is METHODS.md 8 step 5 (`ops.thresholded_ce`); the total is step 6.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from src.pl_modules.fixmatch import FixMatch
+from src.pl_modules.ops import thresholded_ce
+
+
+class UniMatch(FixMatch):
+    """UniMatch: FixMatch with two strong views and a feature-perturbed stream (METHODS.md 8).
+
+    The encoder features of ``[labeled; weak]`` are decoded clean and through ``Dropout2d(fp_dropout)``
+    as one doubled batch (`Segmenter.forward_perturbed`); the perturbed weak logits learn the weak
+    pseudo-labels. Dropout is on only in that stream. ``L = (L_sup + (1 - fp_weight) * mean(L_s1,
+    L_s2) + fp_weight * L_fp) / 2``, i.e. 0.25 / 0.25 / 0.5 with the default ``fp_weight`` (step 6).
+    smp applies the dropout to every encoder feature map the decoder reads: for DeepLabV3+ the
+    stride-4 and deepest ones, as the reference (its c1 and c4).
+
+    Args:
+        fp_dropout: Channel-dropout probability of the feature-perturbed stream.
+        fp_weight: Share of the feature-perturbed term in the unlabeled loss; the two strong views
+            share the rest equally.
+        **kwargs: Options of `FixMatch` and `SemiSupervisedModule`.
+    """
+
+    name = "unimatch"
+    num_strong_views = 2
+
+    def __init__(self, fp_dropout: float = 0.5, fp_weight: float = 0.5, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if not 0.0 <= fp_dropout < 1.0:
+            raise ValueError(f"model.fp_dropout must be in [0, 1), got {fp_dropout}")
+        if not 0.0 <= fp_weight <= 1.0:
+            raise ValueError(f"model.fp_weight must be in [0, 1], got {fp_weight}")
+
+    def forward_labeled_and_weak(self, images_l: Tensor, images_w: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        clean, perturbed = self.student.forward_perturbed(torch.cat([images_l, images_w]), self.hparams.fp_dropout)
+        logits_l, logits_w = clean.split([len(images_l), len(images_w)])
+        return logits_l, logits_w, perturbed[len(images_l):]
+
+    def unlabeled_loss(
+        self, loss_strong: Tensor, logits_fp: Tensor | None, targets_w: tuple[Tensor, Tensor, Tensor]
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """``(1 - fp_weight) * loss_strong + fp_weight * L_fp``, L_fp the perturbed stream's term on the weak targets."""
+        labels_w, confidences_w, valid_w = targets_w
+        loss_fp = thresholded_ce(
+            logits_fp, labels_w, confidences_w, valid_w, self.hparams.confidence_threshold, self.ignore_index
+        )
+        loss_unsup = (1 - self.hparams.fp_weight) * loss_strong + self.hparams.fp_weight * loss_fp
+        return loss_unsup, {"loss_strong": loss_strong.detach(), "loss_fp": loss_fp.detach()}
