@@ -9,13 +9,14 @@ import copy
 import json
 
 import pytest
+import pytorch_lightning as pl
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import Tensor
+from torch.utils.data import DataLoader
 
 from src.pl_modules import SemiSupervisedModule
 from src.pl_modules.diagnostics import DIAGNOSTICS
-from src.pl_modules.ops import ema_decay, ema_update
 from src.train import main
 from tests.conftest import smoke_args
 from tests.pl_modules.plain_ops import use_plain_ops
@@ -196,21 +197,34 @@ class MethodTester:
         losses["loss"].backward()
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.student.parameters())
 
-    def test_ema_step(self):
+    def test_ema_step(self, tmp_path):
+        # Two real training steps through Lightning: the teacher's last update, after the last step
+        # (or before it, for a method that updates its teacher before each step), is one EMA step
+        # with decay ema_decay(1) = 0.5 from the teacher before it toward the student.
         module = self.make()
         if module.teacher is None:
             pytest.skip("method has no teacher")
-        module.trainer = None
-        before = copy.deepcopy(module.teacher.state_dict())
-        with torch.no_grad():
-            for p in module.student.parameters():
-                p.add_(1.0)
-        decay = ema_decay(50, module.hparams.ema_decay)
-        ema_update(module.teacher, module.student, decay)
-        student = module.student.state_dict()
-        for (name, param) in module.teacher.named_parameters():
-            expected = decay * before[name] + (1 - decay) * student[name]
+
+        class Snapshot(pl.Callback):  # callbacks' hooks run before the module's
+            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+                self.teacher = {n: p.detach().clone() for n, p in pl_module.teacher.named_parameters()}
+                self.student = {n: p.detach().clone() for n, p in pl_module.student.named_parameters()}
+
+        snapshot = Snapshot()
+        trainer = pl.Trainer(
+            max_steps=2, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+            enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, callbacks=[snapshot],
+            default_root_dir=tmp_path,
+        )
+        trainer.fit(module, train_dataloaders=DataLoader([make_batch(seed) for seed in range(2)], batch_size=None))
+        assert trainer.global_step == 2
+        student = snapshot.student if module.teacher_update_before_step else dict(module.student.named_parameters())
+        moved = 0
+        for name, param in module.teacher.named_parameters():
+            expected = 0.5 * snapshot.teacher[name] + 0.5 * student[name]
             assert torch.allclose(param, expected, atol=1e-6), name
+            moved += not torch.equal(param, snapshot.teacher[name])
+        assert moved > 0
 
     def test_teacher_bn_mode_holds(self):
         for mode in ("train", "eval"):
