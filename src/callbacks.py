@@ -95,7 +95,7 @@ class LastCheckpoint(pl.Callback):
     def _save(self, trainer: pl.Trainer) -> None:
         if self.path is None or self._saved_step == trainer.global_step or trainer.fast_dev_run:
             return
-        trainer.save_checkpoint(self.path)
+        trainer.save_checkpoint(self.path, weights_only=False)  # a full checkpoint: resumable
         self._saved_step = trainer.global_step
 
 

@@ -9,11 +9,13 @@ writes ``metrics.json`` into the run directory (atomically).
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import resource
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,33 @@ from src.callbacks import FinalValidation, LastCheckpoint, ProgressFile, RandomS
 from src.datamodules import SemiSupervisedDataModule
 from src.pl_modules import SemiSupervisedModule
 from src.utils import AtomicCheckpointIO, atomic_write_json, scalar_metrics
+
+class _DropLightningAdverts(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("💡 Tip: For seamless cloud")
+
+
+_DROP_ADVERTS = _DropLightningAdverts()
+
+
+def quiet_lightning() -> None:
+    """Drop what Lightning prints that a user of this CLI cannot act on (called at import).
+
+    Its adverts for its cloud products ("Tip: For seamless cloud logging / uploads ..."); torch's
+    deprecation of a pytree idiom that Lightning itself still uses; and its warning that the
+    module's `on_after_batch_transfer` (which turns the loaders' uint8 images into floats, on
+    purpose) is used although a datamodule is given.
+    """
+    logger = logging.getLogger("pytorch_lightning.utilities.rank_zero")
+    if _DROP_ADVERTS not in logger.filters:
+        logger.addFilter(_DROP_ADVERTS)
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
+    warnings.filterwarnings(
+        "ignore", message="You have overridden `on_after_batch_transfer` in `LightningModule` but have passed in a"
+    )
+
+
+quiet_lightning()
 
 
 class SemiSegCLI(LightningCLI):

@@ -8,7 +8,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from src import predict
-from src.train import cli_entry, main, miou_at_80pct
+from src.train import cli_entry, main, miou_at_80pct, quiet_lightning
 from tests.conftest import assert_weights_loaded, cache_smp_weights, random_state, smoke_args
 
 
@@ -141,3 +141,34 @@ def test_predict_writes_index_and_colour_masks(finished_run, tmp_path):
 def test_predict_bad_checkpoint(tmp_path, capsys):
     assert predict.main(["--ckpt", str(tmp_path / "nope.ckpt"), "--input", ".", "--output", str(tmp_path)]) == 2
     assert "nope.ckpt" in capsys.readouterr().err
+
+
+def test_lightning_noise_a_user_cannot_act_on_is_dropped(tmp_path):
+    import logging
+    import warnings
+
+    import pytorch_lightning as pl
+
+    records: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record.getMessage())
+
+    handler = Collect()
+    lightning_log = logging.getLogger("pytorch_lightning.utilities.rank_zero")
+    lightning_log.addHandler(handler)
+    try:
+        pl.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, default_root_dir=tmp_path)
+    finally:
+        lightning_log.removeHandler(handler)
+    assert any(message.startswith("GPU available") for message in records)  # Lightning's information stays
+    assert not any("Tip:" in message for message in records), records  # its adverts go
+    with warnings.catch_warnings(record=True) as caught:
+        quiet_lightning()  # as src.train's import does (pytest drops filters installed while collecting)
+        warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use `isinstance(treespec, TreeSpec) and "
+                      "treespec.is_leaf()` instead.", FutureWarning)
+        warnings.warn("You have overridden `on_after_batch_transfer` in `LightningModule` but have passed in a"
+                      " `LightningDataModule`. It will use the implementation from `LightningModule` instance.")
+        warnings.warn("a warning of ours")
+    assert [str(w.message) for w in caught] == ["a warning of ours"]
