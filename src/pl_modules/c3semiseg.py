@@ -74,22 +74,42 @@ class C3SemiSeg(SemiSupervisedModule):
     teacher_update_before_step = True  # as the reference, at the start of each iteration
 
     def __init__(
-        self, contrastive_weight: float = 0.1, temperature: float = 0.15, num_views: int = 20,
-        contrastive_start_step: int = 0, contrastive_ramp_up_steps: int = 250, consistency_weight: float = 50.0,
-        consistency_ramp_up_steps: int = 4000, unlabeled_start_step: int = 2250, dynamic_threshold: bool = True,
-        end_percent: float = 0.8, gamma: float = 0.0, threshold_momentum: float = 0.9, initial_threshold: float = 0.9,
-        ema_teacher: bool = True, cross_set_cutmix: bool = True, consistency_class_mean: bool = True,
-        exclude_class_zero: bool = False, embedding_stride: int = 4, teacher_bn: str = "eval",
-        eval_teacher: bool = False, **kwargs: Any,
+        self,
+        contrastive_weight: float = 0.1,
+        temperature: float = 0.15,
+        num_views: int = 20,
+        contrastive_start_step: int = 0,
+        contrastive_ramp_up_steps: int = 250,
+        consistency_weight: float = 50.0,
+        consistency_ramp_up_steps: int = 4000,
+        unlabeled_start_step: int = 2250,
+        dynamic_threshold: bool = True,
+        end_percent: float = 0.8,
+        gamma: float = 0.0,
+        threshold_momentum: float = 0.9,
+        initial_threshold: float = 0.9,
+        ema_teacher: bool = True,
+        cross_set_cutmix: bool = True,
+        consistency_class_mean: bool = True,
+        exclude_class_zero: bool = False,
+        embedding_stride: int = 4,
+        teacher_bn: str = "eval",
+        eval_teacher: bool = False,
+        **kwargs: Any,
     ) -> None:
-        options = dict(locals())
-        for option in ("contrastive_weight", "consistency_weight", "gamma", "contrastive_start_step",
-                       "contrastive_ramp_up_steps", "consistency_ramp_up_steps", "unlabeled_start_step"):
-            if options[option] < 0:
-                raise ValueError(f"model.{option} must be >= 0, got {options[option]}")
-        for option in ("end_percent", "threshold_momentum", "initial_threshold"):
-            if not 0.0 <= options[option] <= 1.0:
-                raise ValueError(f"model.{option} must be in [0, 1], got {options[option]}")
+        non_negative = {
+            "contrastive_weight": contrastive_weight, "consistency_weight": consistency_weight, "gamma": gamma,
+            "contrastive_start_step": contrastive_start_step, "contrastive_ramp_up_steps": contrastive_ramp_up_steps,
+            "consistency_ramp_up_steps": consistency_ramp_up_steps, "unlabeled_start_step": unlabeled_start_step,
+        }
+        for option, value in non_negative.items():
+            if value < 0:
+                raise ValueError(f"model.{option} must be >= 0, got {value}")
+        fractions = {"end_percent": end_percent, "threshold_momentum": threshold_momentum,
+                     "initial_threshold": initial_threshold}
+        for option, value in fractions.items():
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"model.{option} must be in [0, 1], got {value}")
         if not temperature > 0:
             raise ValueError(f"model.temperature must be > 0, got {temperature}")
         if num_views < 2:
