@@ -71,7 +71,10 @@ def sigmoid_rampup(step: float, length: float) -> float:
 
 
 def warmup_cosine(step: int, total_steps: int, warmup_steps: int, floor: float) -> float:
-    """LR multiplier: linear from ``floor`` to 1 over ``warmup_steps``, then cosine down to ``floor`` at the end."""
+    """LR multiplier: linear from ``floor`` to 1 over ``warmup_steps``, then cosine down to ``floor`` at the end.
+
+    Reconstruction pretraining's schedule (METHODS.md 7 "Optimisation"), as per-step multipliers.
+    """
     if step < warmup_steps:
         return floor + (1.0 - floor) * step / warmup_steps
     progress = min((step - warmup_steps) / max(total_steps - warmup_steps, 1), 1.0)
@@ -647,8 +650,13 @@ def coarse_cutout(
     channel_hole_probability: float = 0.5,
     generator: torch.Generator | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Corrupted copies of ``images`` (B, 3, H, W) and their hole masks (B, 3, H, W) bool.
+    """Reconstruction pretraining's corruption (METHODS.md 7 "Corruption"): corrupted copies of
+    ``images`` (B, 3, H, W) and their hole masks (B, 3, H, W) bool.
 
+    Per image, with equal probability (``channel_hole_probability``), whole-pixel holes filled with
+    the mean colour, or per-channel holes that blank one random channel with that channel's mean;
+    hole sides ~ UniformInt[2, 16] by default, holes added until their summed area (overlaps
+    counted again) reaches 50 % of H*W (whole-pixel) or of 3*H*W (per-channel), `sample_holes`.
     A masked channel value becomes that channel's ``fill`` value (3,), the dataset mean.
     """
     batch, _, height, width = images.shape
