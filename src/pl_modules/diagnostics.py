@@ -22,6 +22,8 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
+from src.datasets.base import IGNORE_INDEX
+
 DIAGNOSTICS = ("pseudo_acc", "pseudo_miou", "mask_ratio", "mask_acc")
 
 
@@ -31,7 +33,7 @@ def pseudo_label_counts(
     targets: Tensor,
     valid: Tensor,
     num_classes: int,
-    ignore_index: int = 255,
+    ignore_index: int = IGNORE_INDEX,
 ) -> dict[str, Tensor]:
     """Counts of one batch; the counts of several batches add up.
 

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from src.datasets.base import IGNORE_INDEX
+
 
 def palette(num_classes: int) -> np.ndarray:
     """(256, 3) uint8 colours: the Pascal VOC bit-interleaved palette; index 255 (ignore) is white."""
@@ -41,7 +43,7 @@ def upscale_factor(height: int, width: int, min_size: int) -> int:
 
 
 def prediction_grid(
-    rows: list[tuple[Tensor, ...]], num_classes: int, ignore_index: int = 255, min_size: int = 128
+    rows: list[tuple[Tensor, ...]], num_classes: int, ignore_index: int = IGNORE_INDEX, min_size: int = 128
 ) -> Tensor:
     """Stack ``(images, *maps)`` groups into a (3, H', W') grid: one row per image.
 
