@@ -54,7 +54,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from benchmarks.run import ALL_LABELS, budget_name, parse_budget  # noqa: E402
+from benchmarks.run import ALL_LABELS, PROTOCOL_COLUMNS, budget_name, parse_budget  # noqa: E402
 from src.utils import atomic_write_bytes, atomic_write_text  # noqa: E402
 
 METRICS = {
@@ -73,10 +73,6 @@ SIGNAL_STDS = 2.0
 SIGNAL_RULE = (
     f"`*`: the difference exceeds the seed noise, |Δ| > {SIGNAL_STDS:g} × pooled std, where pooled std = "
     "√((s_method² + s_supervised²) / 2) of the sample stds over seeds at that budget, and both have ≥ 2 seeds."
-)
-PROTOCOL_COLUMNS = (
-    "dataset", "split_source", "split_strategy", "partial_labels", "crop_size", "batch_size_labeled",
-    "batch_size_unlabeled", "eval_mode", "eval_resize", "test_split", "arch", "encoder", "max_steps", "precision",
 )
 
 

@@ -115,7 +115,31 @@ PER_RUN_KEYS = (
 )
 # ... and those that tell runs of one grid apart (budget, seed): the settings hash leaves them out.
 # A two-stage run's init_from is its seed's pretraining checkpoint.
-GRID_KEYS = (("seed_everything",), ("data", "seed"), ("data", "num_labeled"), ("model", "init_args", "init_from"))
+GRID_KEYS = (
+    ("seed_everything",),
+    *((*data, key) for data in (("data", "init_args"), ("data",)) for key in ("seed", "num_labeled")),
+    ("model", "init_args", "init_from"),
+)
+# runs.csv's protocol columns (`protocol`), the switches that decide whether two numbers are
+# comparable, and where each is read in a run's resolved config: the datamodule's, the model's
+# arguments or the trainer's. split_source is split.json's source where the run wrote one.
+PROTOCOL_SOURCES: dict[str, tuple[str, str]] = {
+    "dataset": ("data", "dataset"),
+    "split_source": ("data", "split_strategy"),
+    "split_strategy": ("data", "split_strategy"),
+    "partial_labels": ("data", "partial_labels"),
+    "crop_size": ("data", "crop_size"),
+    "batch_size_labeled": ("data", "batch_size_labeled"),
+    "batch_size_unlabeled": ("data", "batch_size_unlabeled"),
+    "eval_mode": ("model", "eval_mode"),
+    "eval_resize": ("data", "eval_resize"),
+    "test_split": ("data", "test_split"),
+    "arch": ("model", "arch"),
+    "encoder": ("model", "encoder_name"),
+    "max_steps": ("trainer", "max_steps"),
+    "precision": ("trainer", "precision"),
+}
+PROTOCOL_COLUMNS = tuple(PROTOCOL_SOURCES)
 
 
 # `--labels all`: every image of the train pool labeled, as `data.num_labeled` spells it.
@@ -513,27 +537,22 @@ def config_hashes(config: dict[str, Any]) -> tuple[str, str]:
     return digest(run_config), digest(strip(run_config, GRID_KEYS))
 
 
-def protocol(config: dict[str, Any], split: dict[str, Any] | None) -> dict[str, Any]:
-    """The switches that decide whether two numbers are comparable, read from the resolved config."""
+def data_settings(config: dict[str, Any]) -> dict[str, Any]:
+    """The datamodule's arguments in a resolved config: its ``init_args`` (flat in runs that named no class)."""
     data = config.get("data") or {}
-    model = (config.get("model") or {}).get("init_args") or {}
-    trainer = config.get("trainer") or {}
-    return {
-        "dataset": data.get("dataset"),
-        "split_source": (split or {}).get("source", data.get("split_file") or data.get("split_strategy")),
-        "split_strategy": data.get("split_strategy"),
-        "partial_labels": data.get("partial_labels"),
-        "crop_size": data.get("crop_size"),
-        "batch_size_labeled": data.get("batch_size_labeled"),
-        "batch_size_unlabeled": data.get("batch_size_unlabeled"),
-        "eval_mode": model.get("eval_mode"),
-        "eval_resize": data.get("eval_resize"),
-        "test_split": data.get("test_split"),
-        "arch": model.get("arch"),
-        "encoder": model.get("encoder_name"),
-        "max_steps": trainer.get("max_steps"),
-        "precision": trainer.get("precision"),
+    return (data.get("init_args") or {}) if "class_path" in data else data
+
+
+def protocol(config: dict[str, Any], split: dict[str, Any] | None) -> dict[str, Any]:
+    """The `PROTOCOL_COLUMNS` of a run, read from its resolved config and its ``split.json``."""
+    sections = {
+        "data": data_settings(config),
+        "model": (config.get("model") or {}).get("init_args") or {},
+        "trainer": config.get("trainer") or {},
     }
+    values = {column: sections[section].get(key) for column, (section, key) in PROTOCOL_SOURCES.items()}
+    values["split_source"] = (split or {}).get("source", sections["data"].get("split_file") or values["split_source"])
+    return values
 
 
 def _tail(path: Path, offset: int, lines: int = 15) -> str:

@@ -30,7 +30,8 @@ def pretrain(arch: str, encoder_name: str, model_options: dict[str, Any], out: P
 
     with tempfile.TemporaryDirectory(prefix="source-pretraining-") as run_dir:
         cli = main([
-            "fit", "--config", str(CONFIG),
+            # The datamodule is named here, not in CONFIG: CONFIG's bytes key the cached encoders.
+            "fit", "--data.class_path", "SupervisedDataModule", "--config", str(CONFIG),
             "--model.init_args.arch", arch,
             "--model.init_args.encoder_name", encoder_name,
             "--model.init_args.model_options", json.dumps(model_options),

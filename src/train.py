@@ -1,8 +1,10 @@
 """Single runs: ``python -m src.train fit --config configs/supervised.yaml [--data.num_labeled 15 ...]``.
 
-A LightningCLI over any method (``model.class_path``) and the one datamodule. The CLI
-links the dataset's class count, ignore index and class names into the model, the crop
-size into the sliding-window size, and ``seed_everything`` into the label split's seed.
+A LightningCLI over any method (``model.class_path``) and the datamodule its YAML names
+(``data.class_path``: `SupervisedDataModule` or `SemiSupervisedDataModule`; the short forms
+``--data.num_labeled 15`` set its arguments). The CLI links the dataset's class count, ignore
+index and class names into the model, the crop size into the sliding-window size, and
+``seed_everything`` into the label split's seed.
 After ``fit`` it prints the validation mIoU and where the logs and checkpoints are, and
 writes ``metrics.json`` into the run directory (atomically).
 """
@@ -28,7 +30,7 @@ from pytorch_lightning.cli import LightningCLI
 
 import src.pl_modules  # noqa: F401  (registers every method for short class_path names)
 from src.callbacks import FinalValidation, LastCheckpoint, ProgressFile, RandomState
-from src.datamodules import SemiSupervisedDataModule
+from src.datamodules import SegmentationDataModule
 from src.pl_modules import SemiSupervisedModule
 from src.utils import AtomicCheckpointIO, atomic_write_json, scalar_metrics
 
@@ -80,9 +82,20 @@ class SemiSegCLI(LightningCLI):
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
         parser.link_arguments("data.ignore_index", "model.init_args.ignore_index", apply_on="instantiate")
         parser.link_arguments("data.class_names", "model.init_args.class_names", apply_on="instantiate")
-        parser.link_arguments("data.crop_size", "model.init_args.eval_window")
-        parser.link_arguments("data.scale_range", "model.init_args.scale_range")
-        parser.link_arguments("seed_everything", "data.seed", compute_fn=_seed_value)
+        # In subclass mode a link read at parse time names ``init_args`` (those above read the instance).
+        parser.link_arguments("data.init_args.crop_size", "model.init_args.eval_window")
+        parser.link_arguments("data.init_args.scale_range", "model.init_args.scale_range")
+        parser.link_arguments("seed_everything", "data.init_args.seed", compute_fn=_seed_value)
+
+    def parse_arguments(self, parser: Any, args: Any) -> None:
+        try:
+            super().parse_arguments(parser, args)
+        except ArgumentError as exc:
+            # jsonargparse says only that the abstract base cannot be built.
+            if 'Parser key "data"' in str(exc) and "is abstract" in str(exc):
+                names = sorted(cls.__name__ for cls in SegmentationDataModule.__subclasses__())
+                raise ValueError(f"data.class_path is not set: name the datamodule, one of {names}") from exc
+            raise
 
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
         trainer = super().instantiate_trainer(**kwargs)
@@ -182,8 +195,9 @@ def main(args: list[str] | None = None, run: bool = True) -> SemiSegCLI:
     """Build the CLI (and run its subcommand when ``run``); ``args`` replaces ``sys.argv[1:]``."""
     return SemiSegCLI(
         SemiSupervisedModule,
-        SemiSupervisedDataModule,
+        SegmentationDataModule,
         subclass_mode_model=True,
+        subclass_mode_data=True,
         seed_everything_default=0,
         save_config_kwargs={"overwrite": True},
         trainer_defaults={

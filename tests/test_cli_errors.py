@@ -92,3 +92,22 @@ def test_named_encoder_weights_without_a_cached_file(tmp_path, capsys, weights_c
     folder = smp_snapshot(weights_cache, "resnet18", "imagenet")
     assert f"{folder}/config.json, {folder}/model.safetensors (offline: HF_HUB_OFFLINE is set;" in line
     assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+def test_a_method_on_unlabeled_images_refuses_the_labeled_only_datamodule(tmp_path, capsys):
+    code = cli_entry(["fit", *smoke_args("fixmatch", tmp_path, "--data.class_path", "SupervisedDataModule")])
+    assert code == 2 and capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: model FixMatch trains on unlabeled images, but data SupervisedDataModule has no unlabeled "
+        "stream; use data.class_path SemiSupervisedDataModule"
+    )
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_config_that_names_no_datamodule(tmp_path, capsys):
+    config = tmp_path / "method.yaml"
+    config.write_text("model:\n  class_path: Supervised\ndata:\n  dataset: synthetic\n")
+    code = cli_entry(["fit", "--config", str(config), "--trainer.default_root_dir", str(tmp_path)])
+    assert code == 2 and capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: data.class_path is not set: name the datamodule, one of "
+        "['SemiSupervisedDataModule', 'SupervisedDataModule']"
+    )

@@ -4,6 +4,7 @@ import inspect
 from pathlib import Path
 
 import pytest
+import yaml
 
 from src.pl_modules import METHODS
 from src.train import main
@@ -16,6 +17,13 @@ def test_method_is_registered_with_yaml_module_and_docstring(name):
     assert (REPO / "configs" / f"{name}.yaml").is_file()
     assert Path(inspect.getfile(cls)).stem in (name, "mean_teacher")  # the mean-teacher family shares a file
     assert cls.__doc__ and inspect.getmodule(cls).__doc__
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_method_yaml_names_the_datamodule_of_its_family(name):
+    data = yaml.safe_load((REPO / "configs" / f"{name}.yaml").read_text())["data"]
+    family = "SemiSupervisedDataModule" if METHODS[name].uses_unlabeled else "SupervisedDataModule"
+    assert data["class_path"] == family and "dataset" in data["init_args"]
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))

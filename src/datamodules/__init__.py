@@ -1,3 +1,7 @@
-from src.datamodules.semi_supervised import SemiSupervisedDataModule, SupervisedDataModule
+"""Datamodules per method family; a method's YAML names its own (``data.class_path``)."""
 
-__all__ = ["SemiSupervisedDataModule", "SupervisedDataModule"]
+from src.datamodules.base import SegmentationDataModule
+from src.datamodules.semi_supervised import SemiSupervisedDataModule
+from src.datamodules.supervised import SupervisedDataModule
+
+__all__ = ["SegmentationDataModule", "SemiSupervisedDataModule", "SupervisedDataModule"]

@@ -271,6 +271,15 @@ class SemiSupervisedModule(pl.LightningModule, ABC):
     def compute_losses(self, batch: dict[str, dict[str, Tensor]]) -> dict[str, Tensor]:
         """Losses of one step: ``"loss"`` is optimised, every entry is logged as ``train/<key>``."""
 
+    def setup(self, stage: str) -> None:
+        """Refuse, before training, a datamodule that has no unlabeled stream for a method that needs one."""
+        datamodule = self.trainer.datamodule
+        if stage == "fit" and self.uses_unlabeled and getattr(datamodule, "feeds_unlabeled", True) is False:
+            raise ValueError(
+                f"model {type(self).__name__} trains on unlabeled images, but data {type(datamodule).__name__} "
+                "has no unlabeled stream; use data.class_path SemiSupervisedDataModule"
+            )
+
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """uint8 images from the loaders become float [0, 1] on the device (channels-last if asked)."""
         return _images_to_float(batch, self.hparams.channels_last)

@@ -27,11 +27,13 @@ from benchmarks.run import (
     encoder_weights,
     budget_name,
     format_duration,
+    PROTOCOL_COLUMNS,
     main,
     method_args,
     parse_budget,
     parse_budgets,
     profile_args,
+    protocol,
     resolve_methods,
     run_command,
     run_directory,
@@ -371,6 +373,30 @@ def test_config_hash_ignores_run_paths_and_settings_hash_ignores_budget() -> Non
     longer = json.loads(json.dumps(base))
     longer["trainer"]["max_steps"] = 20
     assert config_hashes(base)[1] != config_hashes(longer)[1]
+
+
+def test_settings_hash_ignores_budget_and_seed_of_a_named_datamodule() -> None:
+    def config(num_labeled: int, seed: int) -> dict:
+        return {"seed_everything": seed, "trainer": {"max_steps": 10},
+                "data": {"class_path": "src.datamodules.SemiSupervisedDataModule",
+                         "init_args": {"num_labeled": num_labeled, "seed": seed, "crop_size": 32}}}
+
+    assert config_hashes(config(5, 0))[0] != config_hashes(config(15, 1))[0]
+    assert config_hashes(config(5, 0))[1] == config_hashes(config(15, 1))[1]
+
+
+def test_protocol_columns_read_the_datamodule_arguments_whether_nested_or_flat() -> None:
+    flat = {
+        "data": {"dataset": "synthetic", "split_strategy": "balanced", "crop_size": 32, "batch_size_labeled": 2},
+        "model": {"class_path": "src.pl_modules.ReCo", "init_args": {"arch": "Unet", "eval_mode": "whole"}},
+        "trainer": {"max_steps": 4},
+    }
+    nested = {**flat, "data": {"class_path": "src.datamodules.SemiSupervisedDataModule", "init_args": flat["data"]}}
+    columns = protocol(nested, None)
+    assert columns == protocol(flat, None) and tuple(columns) == PROTOCOL_COLUMNS
+    assert (columns["dataset"], columns["crop_size"], columns["batch_size_labeled"]) == ("synthetic", 32, 2)
+    assert (columns["arch"], columns["max_steps"], columns["split_source"]) == ("Unet", 4, "balanced")
+    assert protocol(nested, {"source": "splits/15.txt"})["split_source"] == "splits/15.txt"
 
 
 def test_format_duration() -> None:

@@ -3,8 +3,8 @@ import json
 import pytest
 import torch
 
-from src.datamodules import SemiSupervisedDataModule, SupervisedDataModule
-from src.datamodules.semi_supervised import InfiniteSampler, PositionSampler
+from src.datamodules import SegmentationDataModule, SemiSupervisedDataModule, SupervisedDataModule
+from src.datamodules.base import InfiniteSampler, PositionSampler
 from src.datasets import DatasetError
 from tests.datasets.fixtures import make_folder_dataset
 
@@ -12,7 +12,7 @@ TINY = {"image_size": 32, "num_train": 30, "num_val": 6, "num_test": 6}
 
 
 class FakeTrainer:
-    def __init__(self, tmp_path, uses_unlabeled=True, max_steps=5):
+    def __init__(self, tmp_path, max_steps=5):
         self.max_steps = max_steps
         self.global_step = 0
         self.accumulate_grad_batches = 1
@@ -21,15 +21,14 @@ class FakeTrainer:
         self.is_global_zero = True
         self.log_dir = str(tmp_path)
         self.default_root_dir = str(tmp_path)
-        self.lightning_module = type("M", (), {"uses_unlabeled": uses_unlabeled})()
 
 
-def datamodule(tmp_path, cls=SemiSupervisedDataModule, uses_unlabeled=True, **kw):
+def datamodule(tmp_path, cls=SemiSupervisedDataModule, **kw):
     args = dict(dataset_options=TINY, num_labeled=5, crop_size=24, batch_size_labeled=2,
                 batch_size_unlabeled=3, num_workers=0)
     args.update(kw)
     dm = cls(**args)
-    dm.trainer = FakeTrainer(tmp_path, uses_unlabeled)
+    dm.trainer = FakeTrainer(tmp_path)
     dm.setup("fit")
     return dm
 
@@ -122,9 +121,22 @@ def test_five_labeled_images_are_cycled(tmp_path):
     assert len(seen) == 20 and set(seen.tolist()) == set(dm.labeled_indices)
 
 
-def test_supervised_method_gets_no_unlabeled_stream(tmp_path):
-    assert set(datamodule(tmp_path, uses_unlabeled=False).train_dataloader()) == {"labeled"}
-    assert set(datamodule(tmp_path, cls=SupervisedDataModule).train_dataloader()) == {"labeled"}
+def test_supervised_datamodule_has_the_semi_supervised_ones_labeled_stream_only(tmp_path):
+    supervised = datamodule(tmp_path, cls=SupervisedDataModule).train_dataloader()
+    semi = datamodule(tmp_path).train_dataloader()
+    assert set(supervised) == {"labeled"} and set(semi) == {"labeled", "unlabeled"}
+    assert not SupervisedDataModule.feeds_unlabeled and SemiSupervisedDataModule.feeds_unlabeled
+    for batch_supervised, batch_semi in zip(supervised["labeled"], semi["labeled"]):
+        assert torch.equal(batch_supervised["image"], batch_semi["image"])
+    # A budget of all 30 images leaves no unlabeled pool: the labeled-only family trains, the other refuses.
+    assert len(datamodule(tmp_path, cls=SupervisedDataModule, num_labeled=30).train_dataloader()["labeled"]) == 5
+    with pytest.raises(DatasetError, match="unlabeled pool is empty"):
+        datamodule(tmp_path, num_labeled=30).train_dataloader()
+
+
+def test_the_base_datamodule_chooses_no_streams():
+    with pytest.raises(TypeError, match="abstract"):
+        SegmentationDataModule()
 
 
 def test_split_is_deterministic_per_seed(tmp_path):
