@@ -28,6 +28,10 @@ reaches both stages. ``all`` is every method but the pretraining ones, without t
 
 Unknown ``--trainer.*``, ``--model.*``, ``--data.*`` and ``--config FILE`` arguments are passed
 to every run, after the profile's arguments.
+
+A method trains with ``configs/<method>.yaml``; ``--method-config NAME=PATH`` (repeatable) gives
+method NAME another YAML: a variant of its settings, or a registered method (``src.pl_modules.METHODS``)
+whose YAML lives elsewhere.
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -53,9 +57,9 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # `python benchmarks/run.py` puts only benchmarks/ on the path
     sys.path.insert(0, str(REPO))
 
+from src.datasets import DATASETS  # noqa: E402
 from src.utils import atomic_write_json  # noqa: E402
 
-DATASETS = ("synthetic", "folder", "pascal_voc", "cityscapes")
 # Datasets with ReCo's published protocol in configs/data/<dataset>.yaml.
 PAPER_DATASETS = ("pascal_voc", "cityscapes")
 
@@ -166,6 +170,8 @@ class RunSpec:
     init_from: Path | None = None
     # Training arguments of this method only (METHOD_ARGS), after the grid's common ones.
     method_args: tuple[str, ...] = ()
+    # The YAML of `config_name` (`method_config`); None: configs/<config_name>.yaml.
+    config: Path | None = None
 
     @property
     def name(self) -> str:
@@ -206,6 +212,24 @@ class GridState:
 def dataset_kind(dataset: str) -> str:
     """The key of PROFILES and METHOD_ARGS: ``synthetic``, or ``real`` for every dataset on disk."""
     return "synthetic" if dataset == "synthetic" else "real"
+
+
+def method_config(name: str, method_configs: Mapping[str, str | os.PathLike] | None = None) -> Path:
+    """The YAML method ``name`` trains with: ``method_configs[name]`` (made absolute), else ``configs/<name>.yaml``
+    (relative to the repository, where runs start)."""
+    given = (method_configs or {}).get(name)
+    return Path(given).resolve() if given is not None else Path("configs") / f"{name}.yaml"
+
+
+def parse_method_configs(values: Sequence[str]) -> dict[str, Path]:
+    """``--method-config NAME=PATH`` options as ``{NAME: PATH}``; the files must exist."""
+    configs = {}
+    for value in values:
+        name, _, path = value.partition("=")
+        if not name or not path or not Path(path).is_file():
+            raise GridError(f"--method-config {value!r}: expected NAME=PATH with an existing YAML file")
+        configs[name] = Path(path)
+    return configs
 
 
 def method_args(dataset: str, config_name: str) -> tuple[str, ...]:
@@ -318,8 +342,9 @@ def parse_budgets(text: str) -> list[int]:
     return list(dict.fromkeys(values))
 
 
-def resolve_methods(text: str) -> list[str]:
-    """``all``, one method name or a comma list; names are checked against ``src.pl_modules.METHODS``.
+def resolve_methods(text: str, method_configs: Mapping[str, str | os.PathLike] | None = None) -> list[str]:
+    """``all``, one method name or a comma list; names are checked against ``src.pl_modules.METHODS``,
+    and each needs its YAML (`method_config`).
 
     A pretraining method (``pretraining_only``, e.g. ``recon``) is valid only as ``<pretraining>+<method>``.
     """
@@ -330,7 +355,7 @@ def resolve_methods(text: str) -> list[str]:
         return (
             cls is not None
             and getattr(cls, "pretraining_only", False) == pretraining
-            and (REPO / "configs" / f"{name}.yaml").is_file()
+            and (REPO / method_config(name, method_configs)).is_file()
         )
 
     trainable = [m for m in METHODS if not getattr(METHODS[m], "pretraining_only", False)]
@@ -359,7 +384,7 @@ def run_command(spec: RunSpec, common: Sequence[str], resume: Path | None) -> li
     ]
     return [
         sys.executable, str(Path(__file__).resolve()), "--train-and-test",
-        "--config", f"configs/{spec.config_name}.yaml",
+        "--config", str(spec.config or method_config(spec.config_name)),
         *common,
         *spec.method_args,
         "--data.num_labeled", str(spec.labels),
@@ -762,12 +787,14 @@ def run_grid(
     tty_every_s: float = 15.0,
     stream: IO[str] | None = None,
     allow_random_init: bool = False,
+    method_configs: Mapping[str, str | os.PathLike] | None = None,
 ) -> list[dict[str, Any]]:
     """Train every (method, budget, seed) not done yet, write ``result.json`` per run, then the report.
 
     Holds ``<out>/.lock`` for the whole grid (another runner on the same ``out`` is refused).
     Returns one record per run of the grid (skipped ones read back from their ``result.json``).
     The ``paper`` profile refuses a random-init encoder unless ``allow_random_init``.
+    ``method_configs`` maps a method name to the YAML it trains with instead of ``configs/<name>.yaml``.
     """
     stream = stream or sys.stdout
     if workers < 1:
@@ -796,6 +823,7 @@ def run_grid(
             spec.pretrain = pretraining.setdefault((first, spec.seed), new)
     for i, spec in enumerate([*pretraining.values(), *specs], start=1):
         spec.index, spec.total = i, len(pretraining) + len(specs)
+        spec.config = method_config(spec.config_name, method_configs)
     with open(out / ".lock", "a+") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -902,6 +930,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--method", default="all", help="a method name, a comma list, or 'all' (default)")
     parser.add_argument(
+        "--method-config", action="append", default=[], metavar="NAME=PATH",
+        help="method NAME trains with the YAML PATH instead of configs/NAME.yaml (repeatable)",
+    )
+    parser.add_argument(
         "--labels", default="5,15,60",
         help="label budgets, comma-separated; 'all' labels every train image (default 5,15,60)",
     )
@@ -926,8 +958,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _train_and_test(argv[1:])
     args, extra = build_parser().parse_known_args(argv)
     try:
+        method_configs = parse_method_configs(args.method_config)
         records = run_grid(
-            resolve_methods(args.method),
+            resolve_methods(args.method, method_configs),
             parse_budgets(args.labels),
             parse_ints(args.seeds, "--seeds"),
             dataset=args.dataset,
@@ -939,6 +972,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             best=args.best,
             poll_s=args.poll,
             allow_random_init=args.allow_random_init,
+            method_configs=method_configs,
         )
     except GridError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -284,6 +284,7 @@ def test_other_arguments_of_the_same_directory_are_refused(tmp_path: Path) -> No
         (["--labels", "5,x"], "comma-separated integers"),
         (["--method", "nope"], "unknown ['nope']"),
         (["--workers", "0"], "--workers must be >= 1"),
+        (["--method-config", "supervised=nowhere.yaml"], "expected NAME=PATH with an existing YAML file"),
     ],
 )
 def test_bad_arguments(argv: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
