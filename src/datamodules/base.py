@@ -137,6 +137,8 @@ class SegmentationDataModule(pl.LightningDataModule, ABC):
         split_file: A file of labeled ids (e.g. a community split list); overrides the sampling rule.
         partial_labels: None, or ``p0``/``p1``/``p5``/``p25``: train on sparse labels of every image.
         seed: Seed of the label split and partial labels (the CLI links it to ``seed_everything``).
+        split_seed: Seed of the label split alone, when it must not follow ``seed``: e.g. one fixed
+            split per budget, as the community split lists are, with the run seed varying training only.
         crop_size: Side of the square training crops; also the sliding-window size.
         scale_range: Random rescale range of labeled training images.
         photometric: Colour jitter and Gaussian blur of labeled training crops (METHODS.md 1.5).
@@ -170,6 +172,7 @@ class SegmentationDataModule(pl.LightningDataModule, ABC):
         split_file: str | None = None,
         partial_labels: str | None = None,
         seed: int = 0,
+        split_seed: int | None = None,
         crop_size: int = 64,
         scale_range: tuple[float, float] = (0.75, 1.25),
         photometric: bool = True,
@@ -226,7 +229,7 @@ class SegmentationDataModule(pl.LightningDataModule, ABC):
                     self.train_set,
                     hp.num_labeled,
                     strategy=hp.split_strategy,
-                    seed=hp.seed,
+                    seed=hp.seed if hp.split_seed is None else hp.split_seed,
                     min_unique=hp.min_unique,
                     split_file=hp.split_file,
                 )
@@ -240,7 +243,8 @@ class SegmentationDataModule(pl.LightningDataModule, ABC):
                     labeled,
                     unlabeled,
                     {"dataset": self.dataset_name, "source": source, "strategy": hp.split_strategy,
-                     "seed": hp.seed, "num_labeled": hp.num_labeled, "partial_labels": hp.partial_labels},
+                     "seed": hp.seed, "split_seed": hp.split_seed, "num_labeled": hp.num_labeled,
+                     "partial_labels": hp.partial_labels},
                 )
         if stage in ("fit", "validate"):
             self.val_set = self._make_dataset(hp.val_split)

@@ -145,6 +145,14 @@ def test_split_is_deterministic_per_seed(tmp_path):
     assert datamodule(tmp_path, seed=4).labeled_indices != a
 
 
+def test_a_split_seed_fixes_the_split_whatever_the_run_seed(tmp_path):
+    fixed = datamodule(tmp_path, seed=3).labeled_indices
+    assert datamodule(tmp_path, seed=4, split_seed=3).labeled_indices == fixed
+    assert datamodule(tmp_path, seed=3, split_seed=4).labeled_indices == datamodule(tmp_path, seed=4).labeled_indices
+    stream = datamodule(tmp_path, seed=4, split_seed=3).train_dataloader()["labeled"].sampler
+    assert stream.seed == datamodule(tmp_path, seed=4).train_dataloader()["labeled"].sampler.seed  # training follows seed
+
+
 def test_partial_labels_use_every_image_in_both_streams(tmp_path):
     dm = datamodule(tmp_path, partial_labels="p0")
     assert len(dm.labeled_indices) == 30 and len(dm.unlabeled_indices) == 30
