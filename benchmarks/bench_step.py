@@ -5,10 +5,12 @@
 
 Each method runs in its own subprocess (clean peak-memory figures) through the same path as
 ``python -m src.train fit --config configs/<method>.yaml``: the same network, datamodule and
-Lightning loop, with validation, checkpoints and logging switched off. Every method gets the
-same batch: ``--batch`` labeled images, plus ``--batch`` unlabeled ones for the methods that use
-them. The table gives, per method, the median step time over ``--steps`` timed steps (after
-``--warmup``), its ratio to supervised, images per second, peak memory, and where the time goes:
+Lightning loop, with validation, checkpoints and logging switched off (``--method-config
+NAME=PATH``: method NAME's YAML is PATH instead). Every method gets the same batch: ``--batch``
+labeled images, plus ``--batch`` unlabeled ones for the methods that use them. A method runs in
+its steady state from the first step (its ``steady_state`` options). The table gives, per method,
+the median step time over ``--steps`` timed steps (after ``--warmup``), its ratio to supervised,
+images per second, peak memory, and where the time goes:
 
 - ``data``: waiting for the next batch (loader, collation, host-to-device copy),
 - ``teacher``: the no-gradient forward that makes the pseudo-labels (the EMA teacher's; FixMatch's
@@ -20,9 +22,13 @@ them. The table gives, per method, the median step time over ``--steps`` timed s
 - ``rest``: the student's forward and backward, the other losses, the optimizer, EMA and
   Lightning's own work.
 
-Parts are timed by wrapping the module's functions (with a device sync around each on GPU,
-which adds a little to every part). Figures from one invocation are comparable with each
-other; runs on shared machines are noisy, so compare ratios, not absolute times. ``--rounds R``
+The parts are the phases each method records from inside (`SemiSupervisedModule.phase`, read
+through a `src.callbacks.PhaseTimer`; `src.pl_modules.timing`), with a device sync at each phase
+boundary on GPU, which adds a little to every part. ``x floor`` compares a method's step with its
+floor, which the method declares (``step_floor``, a `StepFloor`): the supervised step on as many
+images with gradient, in the method's passes, plus its eval forwards (`benchmarks.floor.FloorStep`).
+Figures from one invocation are comparable with each other; runs on shared machines are noisy,
+so compare ratios, not absolute times. ``--rounds R``
 measures every method and floor R times, in turn (method after method, then again), and keeps
 for each the round with the median step: a slow minute of a shared machine then shifts one
 round of every method instead of all rounds of one method. ``--paired`` measures each method in
@@ -35,7 +41,6 @@ holds its memory but runs nothing (its data-loader workers may prefetch, as in a
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 import resource
@@ -45,162 +50,100 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-PARTS = ("data", "teacher", "mix+aug", "contrast", "rest")
-# The floor of a method's step: the supervised step on as many images with gradient as the method
-# back-propagates (forward, backward, optimizer and data of those images), run through the network
-# in the same passes (a method that keeps BatchNorm statistics per stream runs its labeled and its
-# unlabeled images as two passes, which costs more than one pass of both), plus ``no_grad``
-# eval-mode forwards of one batch (teacher or pseudo-labels), all in one step of one process (the
-# floor's child runs them, see `measure`). Everything a method spends above it
-# (mixing, augmentation, its losses, pseudo-labelling, bookkeeping) is overhead. ``FLOOR[method]``
-# is (the passes, in batches; the eval forwards). Three floors also run what the method must run
-# on the network: ReCo's with its representation head on every pass (forward and backward, no
-# loss), as the issue defines its floor; C3-SemiSeg's with its projection head (its teacher head's
-# no-grad forward on one batch is left out: two 1x1 convolutions at a quarter of the resolution);
-# UniMatch's first pass ([labeled; weak]) also decoded through the feature-perturbed stream (the
-# decoder on the clean and the channel-dropped features, both in the loss).
-FLOOR = {
-    "supervised": ((1,), 0),
-    "recon": ((1,), 0),
-    **dict.fromkeys(("mean_teacher", "cutout", "cutmix", "classmix", "reco"), ((1, 1), 1)),  # labeled; unlabeled
-    "c3semiseg": ((2,), 1),  # one pass of labeled + strong unlabeled, cross-set mixed
-    "fixmatch": ((2, 1), 1),  # [labeled; weak], then the strong view; the mixing view's labels
-    "unimatch": ((2, 2), 1),  # [labeled; weak] (and perturbed), then both strong views; the mixing view's labels
-}
-# What else a floor's passes run, where not plainly (see above).
-FLOOR_VARIANT = {"reco": "head", "c3semiseg": "c3head", "unimatch": "fp"}
-# Options that put a method in its steady state from the first step (C3 starts with a supervised phase).
-STEADY_STATE = {"c3semiseg": ["--model.init_args.unlabeled_start_step", "0"]}
+from benchmarks.run import GridError, method_config, parse_method_configs  # noqa: E402
+from src.pl_modules.timing import TIMED_PHASES, StepFloor  # noqa: E402
+
+PARTS = ("data", *TIMED_PHASES, "rest")
+# The model that runs a floor's step, built from the supervised method's YAML.
+FLOOR_MODEL = "benchmarks.floor.FloorStep"
 
 
-def measure(method: str, args: argparse.Namespace) -> dict[str, Any]:
-    """Time ``args.steps`` training steps of ``method`` in this process."""
+@dataclass(frozen=True)
+class Job:
+    """One step to measure in a child process: a method's, or a floor's.
+
+    Args:
+        label: The name its rounds are kept under: the method, ``floor of <method>`` or ``floor <key>``.
+        batch: Labeled images per step.
+        config: The YAML it is built from (a method's).
+        options: CLI options after the shared ones (a method's steady state, a floor's model).
+    """
+
+    label: str
+    batch: int
+    config: str
+    options: tuple[str, ...] = ()
+
+
+def method_job(method: str, batch: int, method_configs: Mapping[str, Path] | None = None) -> Job:
+    """The job that measures ``method``'s step, in its steady state (its ``steady_state`` options)."""
+    from src.pl_modules import METHODS
+
+    steady = [arg for key, value in METHODS[method].steady_state.items()
+              for arg in (f"--model.init_args.{key}", json.dumps(value))]
+    return Job(method, batch, str(REPO / method_config(method, method_configs)), tuple(steady))
+
+
+def floor_job(key: str, label: str, batch: int, method_configs: Mapping[str, Path] | None = None) -> Job:
+    """The job that measures the floor ``key`` (a `StepFloor.key`) for methods of ``batch`` images."""
+    images = sum(StepFloor.from_key(key).passes) * batch
+    config = str(REPO / method_config("supervised", method_configs))
+    return Job(label, images, config, ("--model.class_path", FLOOR_MODEL, "--model.init_args.floor", key))
+
+
+def measure(job: Job, args: argparse.Namespace) -> dict[str, Any]:
+    """Time ``args.steps`` training steps of ``job`` in this process."""
     import pytorch_lightning as pl
     import torch
 
-    import src.pl_modules.c3semiseg as c3_module
-    import src.pl_modules.mean_teacher as mean_teacher_module
-    import src.pl_modules.ops as ops
-    import src.pl_modules.reco as reco_module
-    import src.pl_modules.supervised as supervised_module
-    from torch import Tensor
-
-    from src.losses.reco import REPRESENTATION_STRIDE, pool_to_stride
-    from src.networks import projection_head
+    from src.callbacks import PhaseTimer
     from src.networks.segmenter import Segmenter
-    from src.pl_modules.base import SemiSupervisedModule
-    from src.pl_modules.c3semiseg import C3SemiSeg
-    from src.pl_modules.fixmatch import FixMatch
     from src.train import main
 
     torch.set_num_threads(args.threads)
     cuda = args.device == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    spent: dict[str, float] = defaultdict(float)
-
-    def timed(part: str, fn: Callable) -> Callable:
-        def wrapper(*a: Any, **kw: Any) -> Any:
-            sync()
-            start = time.perf_counter()
-            out = fn(*a, **kw)
-            sync()
-            spent[part] += time.perf_counter() - start
-            return out
-
-        return wrapper
-
-    SemiSupervisedModule.teacher_predict = timed("teacher", SemiSupervisedModule.teacher_predict)
-    FixMatch.predict_eval_mode = timed("teacher", FixMatch.predict_eval_mode)
-    C3SemiSeg.teacher_outputs = timed("teacher", C3SemiSeg.teacher_outputs)
-    C3SemiSeg.update_thresholds = timed("teacher", C3SemiSeg.update_thresholds)
-    for name in ("random_rescale_crop", "mix_unlabeled", "strong_augment"):
-        setattr(mean_teacher_module, name, timed("mix+aug", getattr(mean_teacher_module, name)))
-    for name in ("weak_view", "colour_jitter"):
-        setattr(c3_module, name, timed("mix+aug", getattr(c3_module, name)))
-    if method == "c3semiseg":  # its cross-set CutMix; the mean-teacher family's boxes are timed in mix_unlabeled
-        for name in ("box_masks", "swap_halves"):
-            setattr(ops, name, timed("mix+aug", getattr(ops, name)))
-    FixMatch.make_views = timed("mix+aug", FixMatch.make_views)
-    C3SemiSeg.contrastive_term = timed("contrast", C3SemiSeg.contrastive_term)
-    reco_module.reco_from_features = timed("contrast", reco_module.reco_from_features)
-    supervised_module.reco_from_features = timed("contrast", supervised_module.reco_from_features)
-    perturbed_calls = [0]
-    forward_perturbed = Segmenter.forward_perturbed
-
-    def counted_forward_perturbed(*a: Any, **kw: Any) -> Any:
-        perturbed_calls[0] += 1
-        return forward_perturbed(*a, **kw)
-
-    Segmenter.forward_perturbed = counted_forward_perturbed
-    grad_passes: list[int] = []  # the batch size of each forward with gradient in the current step
-    eval_passes: list[int] = []  # ... and of each forward without gradient (teacher, pseudo-labels)
-    prepare = Segmenter._prepare
-
-    def counted_prepare(self: Any, images: Tensor) -> Any:
-        (grad_passes if torch.is_grad_enabled() else eval_passes).append(len(images))
-        return prepare(self, images)
-
-    Segmenter._prepare = counted_prepare
-    sizes, evals, variant = parse_floor_key(args.floor) if args.floor else ([], 0, "")
-    if args.floor:  # a floor's step (see FLOOR): its eval forwards, then the batch in the method's passes, its variant
-        stride = (REPRESENTATION_STRIDE if variant == "head"
-                  else inspect.signature(C3SemiSeg).parameters["embedding_stride"].default)
-
-        def floor_step(self: Any, batch: dict[str, dict[str, Tensor]]) -> dict[str, Tensor]:
-            images, masks = batch["labeled"]["image"], batch["labeled"]["mask"]
-            unit = len(images) // sum(sizes)  # the method's batch
-            if evals:  # as a teacher: eval mode (BatchNorm's running statistics), no gradient
-                self.student.eval()
-                with torch.no_grad():
-                    for _ in range(evals):
-                        self.student(images[:unit])
-                self.student.train()
-            split = [size * unit for size in sizes[:-1]] + [len(images) - unit * sum(sizes[:-1])]
-            loss = images.new_zeros(())
-            for i, (x, y) in enumerate(zip(images.split(split), masks.split(split))):
-                if variant == "fp" and i == 0:
-                    clean, perturbed = self.student.forward_perturbed(x)
-                    loss = loss + self.supervised_loss(clean, y) + self.supervised_loss(perturbed, y)
-                elif variant in ("head", "c3head"):
-                    logits, features = self.student.forward_features(x)
-                    embeddings = self.rep_head(pool_to_stride(features, stride, x.shape[-1]))
-                    loss = loss + self.supervised_loss(logits, y) + embeddings.float().mean() * 0.0  # the head's backward
-                else:
-                    loss = loss + self.supervised_loss(self.student(x), y)
-            return {"loss": loss, "loss_sup": loss.detach()}
-
-        supervised_module.Supervised.compute_losses = floor_step
 
     with tempfile.TemporaryDirectory() as tmp:
         cli = main(
             [
                 # run=False: no subcommand; the CLI only builds the model and the datamodule.
-                "--config", str(REPO / "configs" / f"{method}.yaml"),
+                "--config", job.config,
                 *(["--config", args.config] if args.config else []),
                 "--data.crop_size", str(args.crop),
-                "--data.batch_size_labeled", str(args.batch),
-                "--data.batch_size_unlabeled", str(args.batch),
+                "--data.batch_size_labeled", str(job.batch),
+                "--data.batch_size_unlabeled", str(job.batch),
                 "--data.num_workers", str(args.workers),
                 "--data.num_labeled", str(args.labels),
                 "--trainer.default_root_dir", tmp,
                 "--trainer.logger", "false",
-                *STEADY_STATE.get(method, []),
-                *(["--model.init_args.reco_weight", "1"] if variant == "head" else []),  # builds its head
+                *job.options,
                 "--model.init_args.channels_last", str(args.channels_last).lower(),
                 *(["--model.init_args.compile", "true"] if args.compile else []),
             ],
             run=False,
         )
         model, datamodule = cli.model, cli.datamodule
-        if variant == "c3head":  # registered before fit, so that the optimizer updates it too
-            model.rep_head = projection_head(model.student.feature_channels, model.hparams.representation_dim)
+        grad_passes: list[int] = []  # the batch size of each pass with gradient in the current step
+        eval_passes: list[int] = []  # ... and of each pass without gradient (teacher, pseudo-labels)
+        perturbed_passes = [0]  # passes through a feature-perturbed stream, in all steps
+
+        def count_pass(images: torch.Tensor, perturbed: bool) -> None:
+            (grad_passes if torch.is_grad_enabled() else eval_passes).append(len(images))
+            perturbed_passes[0] += perturbed
+
+        for network in model.modules():  # the student and the teacher
+            if isinstance(network, Segmenter):
+                network.register_pass_hook(count_pass)
         records: list[dict[str, float]] = []
 
         turns = [int(fd) for fd in args.turns.split(",")] if args.turns else None
@@ -210,16 +153,18 @@ def measure(method: str, args: argparse.Namespace) -> dict[str, Any]:
             if turns is not None and not os.read(turns[0], 1):
                 raise RuntimeError("bench_step: the parent closed the turn pipe")
 
-        class StepTimer(pl.Callback):
+        class StepTimer(PhaseTimer):
+            """The phases of each step (`PhaseTimer`), its wall time and its wait for data; --paired: the turns."""
+
             def on_train_start(self, trainer: Any, module: Any) -> None:
                 take_turn()  # the first batch is fetched in this process's turn
                 self.batch_end = time.perf_counter()
 
-            def on_train_batch_start(self, trainer: Any, module: Any, batch: Any, batch_idx: int) -> None:
+            def on_train_batch_start(self, trainer: Any, module: Any, *rest: Any) -> None:
+                super().on_train_batch_start(trainer, module, *rest)
                 sync()
                 self.start = time.perf_counter()
                 self.data = self.start - self.batch_end
-                spent.clear()
                 grad_passes.clear()
                 eval_passes.clear()
 
@@ -227,8 +172,9 @@ def measure(method: str, args: argparse.Namespace) -> dict[str, Any]:
                 sync()
                 end = time.perf_counter()
                 step = end - self.start
-                parts = {part: spent.get(part, 0.0) for part in PARTS[1:-1]}
+                parts = {part: self.current.get(part, 0.0) for part in TIMED_PHASES}
                 parts["rest"] = step - sum(parts.values())
+                super().on_train_batch_end(trainer, module, *rest)
                 # perf_counter is CLOCK_MONOTONIC on Linux: one clock for every process
                 records.append({"step": step + self.data, "data": self.data, **parts,
                                 "window": (self.start - self.data, end)})
@@ -256,10 +202,10 @@ def measure(method: str, args: argparse.Namespace) -> dict[str, Any]:
         trainer.fit(model, datamodule=datamodule)
 
     timed_steps = records[args.warmup:]
-    images = args.batch * (2 if model.uses_unlabeled else 1)
+    images = job.batch * (2 if model.uses_unlabeled else 1)
     step = statistics.median(r["step"] for r in timed_steps)
     return {
-        "method": method,
+        "method": job.label,
         "step_s": step,
         "images_per_s": images / step,
         **{part: statistics.median(r[part] for r in timed_steps) for part in PARTS},
@@ -270,7 +216,7 @@ def measure(method: str, args: argparse.Namespace) -> dict[str, Any]:
         "head_trained": getattr(model, "rep_head", None) is not None
         and any(p.grad is not None for p in model.rep_head.parameters()),
         # decoder passes on feature-perturbed streams per step (UniMatch; the floor's "fp" step)
-        "perturbed_per_step": perturbed_calls[0] / (args.warmup + args.steps),
+        "perturbed_per_step": perturbed_passes[0] / (args.warmup + args.steps),
         # the batch sizes of the network's passes with gradient in the last step (a floor runs the method's)
         "grad_passes": list(grad_passes),
         "eval_passes": list(eval_passes),  # ... and without gradient
@@ -285,19 +231,11 @@ def median_round(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def floor_key(method: str) -> str | None:
-    """The step a method's floor runs: passes in batches, eval forwards, variant: ``"1,1:1+head"``..."""
-    if method not in FLOOR:
-        return None
-    passes, evals = FLOOR[method]
-    variant = FLOOR_VARIANT.get(method)
-    return ",".join(map(str, passes)) + (f":{evals}" if evals else "") + (f"+{variant}" if variant else "")
+    """The `StepFloor.key` of the floor ``method`` declares (``step_floor``); None without one."""
+    from src.pl_modules import METHODS
 
-
-def parse_floor_key(key: str) -> tuple[list[int], int, str]:
-    """A `floor_key`'s passes in batches, eval forwards and variant: ``"2,2:1+fp"`` -> ``([2, 2], 1, "fp")``."""
-    steps, _, variant = key.partition("+")
-    passes, _, evals = steps.partition(":")
-    return [int(p) for p in passes.split(",")], int(evals or 0), variant
+    floor = getattr(METHODS.get(method), "step_floor", None)
+    return None if floor is None else floor.key
 
 
 def floor_rounds(rounds: dict[str, list[dict[str, Any]]], methods: list[str]) -> dict[str, list[dict[str, Any]]]:
@@ -376,6 +314,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--methods", default="all", help="comma list of methods, or all")
+    parser.add_argument("--method-config", action="append", default=[], metavar="NAME=PATH",
+                        help="method NAME is built from the YAML PATH instead of configs/NAME.yaml (repeatable)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--precision", default="32-true", help="e.g. bf16-mixed on a GPU")
     parser.add_argument(
@@ -396,29 +336,93 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=max(1, min(2, os.cpu_count() or 1)))
     parser.add_argument("--config", help="an extra YAML applied after the method's (e.g. another encoder)")
     parser.add_argument("--json", help="also write the results to this file")
-    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one method, print JSON
-    # internal: measure the supervised step of this floor (a floor_key) instead of a method
-    parser.add_argument("--floor", help=argparse.SUPPRESS)
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one `Job` (JSON), print the result
     # internal (--paired): "GO,DONE" file descriptors; each step waits for a byte on GO and writes one to DONE
     parser.add_argument("--turns", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    try:
+        args.method_configs = parse_method_configs(args.method_config)
+    except GridError as exc:
+        parser.error(str(exc))
     args.method_list = sorted(METHODS) if args.methods == "all" else args.methods.split(",")
     unknown = [m for m in args.method_list if m not in METHODS]
     if unknown:
         parser.error(f"--methods: unknown {unknown}; expected names from {sorted(METHODS)}")
+    without_yaml = [m for m in args.method_list if not (REPO / method_config(m, args.method_configs)).is_file()]
+    if without_yaml:
+        parser.error(f"--methods: no YAML for {without_yaml}: add configs/<name>.yaml or pass --method-config")
     if "supervised" in args.method_list:  # first, as the reference of the ratios
         args.method_list.remove("supervised")
     args.method_list.insert(0, "supervised")
     return args
 
 
+def child_command(job: Job, options: list[str]) -> list[str]:
+    """The command of a child process that measures ``job`` with the shared ``options`` and prints its result."""
+    return [sys.executable, str(Path(__file__).resolve()), *options, "--one", json.dumps(asdict(job))]
+
+
+def result_of(label: str, returncode: int, stdout: str, stderr: str) -> dict[str, Any] | None:
+    """A child's result (None, with its error output, if it failed)."""
+    lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
+    if returncode != 0 or not lines:
+        print(f"{label}: failed\n{stderr[-2000:]}", file=sys.stderr)
+        return None
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def child(job: Job, options: list[str]) -> dict[str, Any] | None:
+    """Measure ``job`` in a child process."""
+    done = subprocess.run(child_command(job, options), cwd=REPO, capture_output=True, text=True)
+    return result_of(job.label, done.returncode, done.stdout, done.stderr)
+
+
+def lockstep(jobs: list[Job], options: list[str], steps: int) -> list[dict[str, Any] | None]:
+    """Run the jobs' children at once, ``steps`` training steps, one step at a time in turn (--paired).
+
+    Each child builds its model and loaders freely, then waits for its turn before every step
+    (its batch fetch included) and reports the step's end; so the method's steps and its
+    floor's alternate and share every slow spell of the machine, step by step.
+    """
+    procs, pipes, outputs = [], [], []
+    for job in jobs:
+        go, done = os.pipe(), os.pipe()  # (read, write) each
+        out = tempfile.TemporaryFile(mode="w+")  # files, not pipes: a child that logs a lot never blocks
+        procs.append(subprocess.Popen(
+            [*child_command(job, options), "--turns", f"{go[0]},{done[1]}"],
+            cwd=REPO, stdout=out, stderr=subprocess.STDOUT, text=True, pass_fds=(go[0], done[1])))
+        os.close(go[0]), os.close(done[1])
+        pipes.append((go[1], done[0]))
+        outputs.append(out)
+    try:
+        for _ in range(steps):
+            for go, done in pipes:
+                os.write(go, b".")
+                if not os.read(done, 1):  # the child died
+                    raise ChildProcessError
+        for go, _ in pipes:  # every step is done: release them all at once (none winds down during another's step)
+            os.write(go, b".")
+    except (ChildProcessError, BrokenPipeError):
+        pass  # reported below from the children's output
+    finally:
+        for go, done in pipes:
+            os.close(go), os.close(done)  # a child still waiting for its turn gets EOF and stops
+    results = []
+    for proc, out, job in zip(procs, outputs, jobs):
+        returncode = proc.wait()
+        out.seek(0)
+        text = out.read()
+        results.append(result_of(job.label, returncode, text, text))
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse(argv)
     if args.one:
-        print("RESULT " + json.dumps(measure(args.one, args)), flush=True)
+        print("RESULT " + json.dumps(measure(Job(**json.loads(args.one)), args)), flush=True)
         return 0
-    rest: list[str] = []  # the options for the children, without --methods
+    options: list[str] = []  # the options for the children, without --methods
     skip = False
     for arg in argv:
         if skip or arg.startswith("--methods="):
@@ -426,86 +430,31 @@ def main(argv: list[str] | None = None) -> int:
             continue
         skip = arg == "--methods"
         if not skip:
-            rest.append(arg)
-    def command(method: str, batch: int, floor: str | None) -> list[str]:
-        return [sys.executable, __file__, *rest, "--batch", str(batch), "--methods", method, "--one", method,
-                *(["--floor", floor] if floor else [])]
-
-    def result_of(label: str, returncode: int, stdout: str, stderr: str) -> dict[str, Any] | None:
-        lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
-        if returncode != 0 or not lines:
-            print(f"{label}: failed\n{stderr[-2000:]}", file=sys.stderr)
-            return None
-        return json.loads(lines[-1][len("RESULT "):])
-
-    def child(job: tuple[str, int, str | None, str]) -> dict[str, Any] | None:
-        method, batch, floor, label = job
-        done = subprocess.run(command(method, batch, floor), cwd=REPO, capture_output=True, text=True)
-        return result_of(label, done.returncode, done.stdout, done.stderr)
-
-    def lockstep(jobs: list[tuple[str, int, str | None, str]]) -> list[dict[str, Any] | None]:
-        """Run the jobs' children at once, one training step at a time in turn (--paired).
-
-        Each child builds its model and loaders freely, then waits for its turn before every step
-        (its batch fetch included) and reports the step's end; so the method's steps and its
-        floor's alternate and share every slow spell of the machine, step by step.
-        """
-        procs, pipes, outputs = [], [], []
-        for method, batch, floor, _ in jobs:
-            go, done = os.pipe(), os.pipe()  # (read, write) each
-            out = tempfile.TemporaryFile(mode="w+")  # files, not pipes: a child that logs a lot never blocks
-            procs.append(subprocess.Popen(
-                [*command(method, batch, floor), "--turns", f"{go[0]},{done[1]}"],
-                cwd=REPO, stdout=out, stderr=subprocess.STDOUT, text=True, pass_fds=(go[0], done[1])))
-            os.close(go[0]), os.close(done[1])
-            pipes.append((go[1], done[0]))
-            outputs.append(out)
-        try:
-            for _ in range(args.warmup + args.steps):
-                for go, done in pipes:
-                    os.write(go, b".")
-                    if not os.read(done, 1):  # the child died
-                        raise ChildProcessError
-            for go, _ in pipes:  # every step is done: release them all at once (none winds down during another's step)
-                os.write(go, b".")
-        except (ChildProcessError, BrokenPipeError):
-            pass  # reported below from the children's output
-        finally:
-            for go, done in pipes:
-                os.close(go), os.close(done)  # a child still waiting for its turn gets EOF and stops
-        results = []
-        for proc, out, job in zip(procs, outputs, jobs):
-            returncode = proc.wait()
-            out.seek(0)
-            text = out.read()
-            results.append(result_of(job[3], returncode, text, text))
-        return results
+            options.append(arg)
 
     # Every round measures each method, then the floors it needs (their steps, by floor_key);
     # --paired runs each method in lockstep with its floor instead (even a floor that is plain supervised).
     floor_keys = sorted({floor_key(m) for m in args.method_list} - {None, "1"})
-
-    def floor_job(key: str, label: str) -> tuple[str, int, str | None, str]:
-        return "supervised", sum(parse_floor_key(key)[0]) * args.batch, key, label
-
     groups = []  # jobs measured together: alone, or a method and its floor in lockstep
     for method in args.method_list:
-        job = (method, args.batch, None, method)
+        job = method_job(method, args.batch, args.method_configs)
         if args.paired and method != "supervised" and floor_key(method) is not None:
-            groups.append([job, floor_job(floor_key(method), f"floor of {method}")])
+            floor = floor_job(floor_key(method), f"floor of {method}", args.batch, args.method_configs)
+            groups.append([job, floor])
         else:
             groups.append([job])
     if not args.paired:
-        groups += [[floor_job(key, f"floor {key}")] for key in floor_keys]
+        groups += [[floor_job(key, f"floor {key}", args.batch, args.method_configs)] for key in floor_keys]
     rounds: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for round_index in range(args.rounds):
         for group in groups:
-            results = lockstep(group) if len(group) > 1 else [child(group[0])]
+            results = (lockstep(group, options, args.warmup + args.steps) if len(group) > 1
+                       else [child(group[0], options)])
             if None in results:
                 return 1
             for job, result in zip(group, results):
-                rounds[job[3]].append(result)
-                print(f"round {round_index + 1}/{args.rounds}, {job[3]}: {result['step_s'] * 1e3:.1f} ms/step",
+                rounds[job.label].append(result)
+                print(f"round {round_index + 1}/{args.rounds}, {job.label}: {result['step_s'] * 1e3:.1f} ms/step",
                       file=sys.stderr, flush=True)
     kept = {label: median_round(runs) for label, runs in rounds.items()}
     results = [kept[method] for method in args.method_list]

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +119,61 @@ class FinalValidation(pl.Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         if 0 < trainer.max_steps <= trainer.global_step:
             trainer.should_stop = True
+
+
+class PhaseTimer(pl.Callback):
+    """Records the wall time of each named phase of every training step (`SemiSupervisedModule.phase`).
+
+    While attached (from ``setup`` to ``teardown``) it is the module's ``phase_recorder``; after each
+    training step ``steps`` gets that step's ``{phase: seconds}``, and ``current`` holds the phases of
+    the step under way. A phase opened inside another pauses the outer one, so every second counts
+    once. On a GPU each phase boundary synchronises the device (queued kernels count where they were
+    queued), which adds a little to every phase.
+    """
+
+    def __init__(self) -> None:
+        self.steps: list[dict[str, float]] = []
+        self.current: dict[str, float] = {}
+        self._open: list[list[Any]] = []  # [name, start] of each open phase, the innermost last
+        self._cuda = False
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        pl_module.phase_recorder = self
+        self._cuda = trainer.strategy.root_device.type == "cuda"
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        pl_module.phase_recorder = None
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        self.current = {}
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        self.steps.append(self.current)
+        self.current = {}  # phases outside a training step (validation) are not kept
+
+    def _now(self) -> float:
+        if self._cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def _add(self, name: str, seconds: float) -> None:
+        self.current[name] = self.current.get(name, 0.0) + seconds
+
+    @contextlib.contextmanager
+    def timing(self, name: str) -> Iterator[None]:
+        """Add the wall time of the enclosed code to phase ``name`` of the current step."""
+        start = self._now()
+        if self._open:  # pause the enclosing phase
+            outer = self._open[-1]
+            self._add(outer[0], start - outer[1])
+        self._open.append([name, start])
+        try:
+            yield
+        finally:
+            end = self._now()
+            self._add(name, end - self._open.pop()[1])
+            if self._open:
+                self._open[-1][1] = end
 
 
 class RandomState(pl.Callback):

@@ -18,6 +18,8 @@ cached already; a missing file fails with one line naming it and its folder.
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,7 @@ from huggingface_hub.file_download import REGEX_COMMIT_HASH, repo_folder_name
 from timm.models._builder import _resolve_pretrained_source
 from timm.models._hub import hf_split
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 from src.networks.source_encoder import SOURCE_WEIGHTS, source_encoder
 
@@ -252,6 +255,8 @@ class Segmenter(nn.Module):
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         self.stride = self._input_divisor()
+        # An OrderedDict: RemovableHandle keeps a weak reference to it, which a plain dict does not allow.
+        self._pass_hooks: OrderedDict[int, Callable[[Tensor, bool], None]] = OrderedDict()
 
     def _input_divisor(self) -> int:
         if not getattr(self.model, "requires_divisible_input_shape", True):
@@ -263,7 +268,20 @@ class Segmenter(nn.Module):
         """Channels of the decoder features returned by `forward_features`."""
         return self.model.segmentation_head[0].in_channels
 
-    def _prepare(self, images: Tensor) -> tuple[Tensor, int, int]:
+    def register_pass_hook(self, hook: Callable[[Tensor, bool], None]) -> RemovableHandle:
+        """Call ``hook(images, perturbed)`` as each pass through the network starts.
+
+        Every pass counts once: `forward` and `forward_features` with ``perturbed`` False,
+        `forward_perturbed` with True. A way to count passes and their batch sizes from outside
+        (``benchmarks/bench_step.py``). The returned handle's ``remove()`` unregisters the hook.
+        """
+        handle = RemovableHandle(self._pass_hooks)
+        self._pass_hooks[handle.id] = hook
+        return handle
+
+    def _prepare(self, images: Tensor, perturbed: bool = False) -> tuple[Tensor, int, int]:
+        for hook in self._pass_hooks.values():
+            hook(images, perturbed)
         height, width = images.shape[-2:]
         x = (images - self.mean) / self.std
         pad_h, pad_w = -height % self.stride, -width % self.stride
@@ -292,7 +310,7 @@ class Segmenter(nn.Module):
         (``Dropout2d(dropout_p)``, on even in eval mode, like the reference's freshly built
         module). The decoder's BatchNorm thus sees both streams (METHODS.md 8 step 3).
         """
-        x, height, width = self._prepare(images)
+        x, height, width = self._prepare(images, perturbed=True)
         features = self.model.encoder(x)
         doubled = [torch.cat([features[0], features[0]])] + [
             torch.cat([f, F.dropout2d(f, dropout_p, training=True)]) for f in features[1:]

@@ -6,11 +6,13 @@ IoU at the last and the best validation, whole-image or sliding-window), TensorB
 logging and the best-score bookkeeping. A method subclasses it and implements
 `compute_losses(batch) -> {"loss": ..., other logged entries}`; hooks let it change what the
 base does otherwise: `update_teacher` (the teacher's schedule), `lr_factor` (the LR schedule),
-`evaluate_batch` and `end_evaluation` (what validation and test score).
+`evaluate_batch` and `end_evaluation` (what validation and test score). For step timings a
+method marks its phases (`phase`) and declares its floor (``step_floor``, `src.pl_modules.timing`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from abc import ABC, abstractmethod
 import math
@@ -30,11 +32,14 @@ from src.datasets.base import IGNORE_INDEX
 from src.networks import RepresentationHead, Segmenter
 from src.pl_modules.diagnostics import pseudo_label_counts, training_state_kept
 from src.pl_modules.ops import ema_decay, ema_update
+from src.pl_modules.timing import PhaseRecorder, StepFloor
 from src.pl_modules.visualize import prediction_grid
 from src.utils import scalar_metrics
 
 TEACHER_BN_MODES = ("train", "eval")
 EVAL_MODES = ("whole", "sliding")
+# What `SemiSupervisedModule.phase` returns without a recorder: entering it does nothing.
+_NO_PHASE = contextlib.nullcontext()
 
 
 def sgd_nesterov(params: Any) -> torch.optim.Optimizer:
@@ -122,6 +127,13 @@ class SemiSupervisedModule(pl.LightningModule, ABC):
     # Validation and test score the mIoU; a method that scores something else (pretraining) sets
     # False and replaces `evaluate_batch` and `end_evaluation`.
     evaluates_miou = True
+    # The floor that step timings (benchmarks/bench_step.py) measure the training step against; None: none.
+    step_floor: StepFloor | None = None
+    # init_args that put the method in its steady state from its first step, for timings of a few
+    # steps (C3-SemiSeg starts with a supervised phase).
+    steady_state: dict[str, Any] = {}
+    # Where `phase` reports; set by a recorder (`src.callbacks.PhaseTimer`) while it is attached.
+    phase_recorder: PhaseRecorder | None = None
 
     def __init__(
         self,
@@ -239,11 +251,22 @@ class SemiSupervisedModule(pl.LightningModule, ABC):
         """Teacher probabilities (B, C, H, W), confidences (B, H, W) and pseudo-labels (B, H, W)."""
         if self.teacher is None:
             raise RuntimeError(f"{type(self).__name__} has no teacher (uses_teacher = False)")
-        self.set_teacher_mode()
-        logits = self.forward_in_mode(self.teacher, images, self.hparams.teacher_bn == "train")
-        probs = logits.float().softmax(dim=1)
-        confidences, pseudo_labels = probs.max(dim=1)
+        with self.phase("teacher"):
+            self.set_teacher_mode()
+            logits = self.forward_in_mode(self.teacher, images, self.hparams.teacher_bn == "train")
+            probs = logits.float().softmax(dim=1)
+            confidences, pseudo_labels = probs.max(dim=1)
         return probs, confidences, pseudo_labels
+
+    def phase(self, name: str) -> contextlib.AbstractContextManager[None]:
+        """A context that times what it encloses as phase ``name`` of the training step.
+
+        It records only while a recorder is attached (``phase_recorder``, e.g. `src.callbacks.PhaseTimer`);
+        otherwise it does nothing. Step timings show the phases of `src.pl_modules.timing.TIMED_PHASES`
+        (``teacher``, ``mix+aug``, ``contrast``); a phase opened inside another pauses it.
+        """
+        recorder = self.phase_recorder
+        return _NO_PHASE if recorder is None else recorder.timing(name)
 
     @torch.no_grad()
     def pseudo_labels(self, images: Tensor) -> tuple[Tensor, Tensor]:

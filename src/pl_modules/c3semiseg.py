@@ -23,6 +23,7 @@ from src.networks import projection_head
 from src.pl_modules.base import SemiSupervisedModule
 from src.pl_modules.ops import (colour_jitter, cross_set_cutmix_forward, ema_decay, ema_update, overwrite_given,
                                  sigmoid_rampup, weak_view)
+from src.pl_modules.timing import StepFloor
 
 
 class C3SemiSeg(SemiSupervisedModule):
@@ -72,6 +73,9 @@ class C3SemiSeg(SemiSupervisedModule):
     name = "c3semiseg"
     uses_unlabeled = True
     teacher_update_before_step = True  # as the reference, at the start of each iteration
+    # One pass of labeled + strong unlabeled images, cross-set mixed, with the projection head; the teacher's forward.
+    step_floor = StepFloor(passes=(2,), eval_forwards=1, variant="c3head")
+    steady_state = {"unlabeled_start_step": 0}  # no supervised phase
 
     def __init__(
         self,
@@ -159,9 +163,11 @@ class C3SemiSeg(SemiSupervisedModule):
     def teacher_outputs(self, images: Tensor, with_embeddings: bool) -> tuple[Tensor, Tensor | None]:
         """Teacher probabilities (B, C, H, W) and embeddings (B, D, h, w) or None, without gradient (step 1)."""
         network, head = (self.teacher, self.teacher_head) if self.teacher is not None else (self.student, self.rep_head)
-        logits, features = self.forward_in_mode(network, images, self.hparams.teacher_bn == "train", with_features=True)
-        embeddings = self.embed(head, features, images.shape[-1]) if with_embeddings else None
-        return logits.float().softmax(dim=1), embeddings
+        with self.phase("teacher"):
+            logits, features = self.forward_in_mode(network, images, self.hparams.teacher_bn == "train",
+                                                    with_features=True)
+            embeddings = self.embed(head, features, images.shape[-1]) if with_embeddings else None
+            return logits.float().softmax(dim=1), embeddings
 
     def forward_student(self, images: Tensor, with_embeddings: bool) -> tuple[Tensor, Tensor | None]:
         """Logits (N, C, H, W) and embeddings of the batch through `cross_set_cutmix_forward` (step 2)."""
@@ -170,7 +176,7 @@ class C3SemiSeg(SemiSupervisedModule):
             logits, features = self.student.forward_features(mixed)
             return logits, self.embed(self.rep_head, features, images.shape[-1]) if with_embeddings else None
 
-        return cross_set_cutmix_forward(forward, images, self.hparams.cross_set_cutmix)
+        return cross_set_cutmix_forward(forward, images, self.hparams.cross_set_cutmix, lambda: self.phase("mix+aug"))
 
     @torch.no_grad()
     def update_thresholds(self, confidences: Tensor, pseudo_labels: Tensor, valid: Tensor) -> None:
@@ -179,12 +185,14 @@ class C3SemiSeg(SemiSupervisedModule):
         NOTE: ranks past the end (``end_percent = 1``) are clamped; padding pixels of the weak view
         neither count nor pass. Under DDP the teacher's outputs are gathered from all ranks.
         """
-        if self._trainer is not None and self.trainer.world_size > 1:
-            confidences, pseudo_labels, valid = (self.all_gather(t) for t in (confidences, pseudo_labels, valid))
-        hp = self.hparams
-        self.class_thresholds.copy_(update_class_thresholds(
-            self.class_thresholds, confidences, pseudo_labels, hp.end_percent, hp.gamma, hp.threshold_momentum, valid
-        ))
+        with self.phase("teacher"):
+            if self._trainer is not None and self.trainer.world_size > 1:
+                confidences, pseudo_labels, valid = (self.all_gather(t) for t in (confidences, pseudo_labels, valid))
+            hp = self.hparams
+            self.class_thresholds.copy_(update_class_thresholds(
+                self.class_thresholds, confidences, pseudo_labels, hp.end_percent, hp.gamma, hp.threshold_momentum,
+                valid,
+            ))
 
     def confident(self, confidences: Tensor, pseudo_labels: Tensor) -> Tensor:
         """The kept pixels M of step 4 (bool): above their class's current threshold, or all without them."""
@@ -205,8 +213,9 @@ class C3SemiSeg(SemiSupervisedModule):
     def contrastive_term(self, embeddings: Tensor, keys: Tensor, labels: Tensor, logits: Tensor) -> tuple[Tensor, Tensor]:
         """Cross-set contrastive loss from full-size labels and student logits (step 6)."""
         hp = self.hparams
-        return contrastive_from_logits(embeddings, keys, labels, logits, hp.num_views, hp.temperature,
-                                       self.ignore_index, hp.exclude_class_zero)
+        with self.phase("contrast"):
+            return contrastive_from_logits(embeddings, keys, labels, logits, hp.num_views, hp.temperature,
+                                           self.ignore_index, hp.exclude_class_zero)
 
     @torch.no_grad()
     def unlabeled_targets(self, unlabeled: dict[str, Tensor], with_embeddings: bool) -> dict[str, Tensor | None]:
@@ -220,8 +229,9 @@ class C3SemiSeg(SemiSupervisedModule):
         """
         images_u = unlabeled["image"]
         given = unlabeled.get("mask", torch.full_like(images_u[:, 0], self.ignore_index, dtype=torch.long))
-        weak, given, valid = weak_view(images_u, given, self.scale_range)
-        strong = colour_jitter(weak, p=1.0, brightness=0.5, contrast=0.5, saturation=0.5, hue=0.25)
+        with self.phase("mix+aug"):
+            weak, given, valid = weak_view(images_u, given, self.scale_range)
+            strong = colour_jitter(weak, p=1.0, brightness=0.5, contrast=0.5, saturation=0.5, hue=0.25)
         probs, embeddings = self.teacher_outputs(weak, with_embeddings)
         confidences, pseudo_labels = probs.max(dim=1)
         if self.hparams.dynamic_threshold:

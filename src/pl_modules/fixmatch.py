@@ -16,6 +16,7 @@ from torch import Tensor
 from src.pl_modules.base import SemiSupervisedModule
 from src.pl_modules.ops import (confident_fraction, cutmix_boxes, mix_by_mask, overwrite_given, strong_photometric,
                                  thresholded_ce, weak_view)
+from src.pl_modules.timing import StepFloor
 
 MIX_SOURCES = ("view", "batch")
 
@@ -61,6 +62,8 @@ class FixMatch(SemiSupervisedModule):
     name = "fixmatch"
     uses_unlabeled = True
     num_strong_views = 1
+    # [labeled; weak], then the strong view; the eval-mode labels of the mixing view.
+    step_floor = StepFloor(passes=(2, 1), eval_forwards=1)
 
     def __init__(
         self, confidence_threshold: float = 0.95, cutmix_p: float = 0.5, mix_source: str = "view", **kwargs: Any
@@ -88,7 +91,8 @@ class FixMatch(SemiSupervisedModule):
     @torch.no_grad()
     def predict_eval_mode(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """Confidences and pseudo-labels (B, H, W) with the student in eval mode (running BN statistics)."""
-        return self.forward_in_mode(self.student, images, train=False).float().softmax(dim=1).max(dim=1)
+        with self.phase("teacher"):
+            return self.forward_in_mode(self.student, images, train=False).float().softmax(dim=1).max(dim=1)
 
     @torch.no_grad()
     def pseudo_labels(self, images: Tensor) -> tuple[Tensor, Tensor]:
@@ -103,20 +107,21 @@ class FixMatch(SemiSupervisedModule):
 
     @torch.no_grad()
     def make_views(self, unlabeled: dict[str, Tensor]) -> UnlabeledViews:
-        images_u = unlabeled["image"]
-        batch, _, height, width = images_u.shape
-        given = unlabeled.get("mask", torch.full_like(images_u[:, 0], self.ignore_index, dtype=torch.long))
-        weak, given_w, valid_w = weak_view(images_u, given, self.scale_range)
-        strong = [strong_photometric(weak) for _ in range(self.num_strong_views)]
-        mix = given_m = valid_m = None
-        if self.hparams.mix_source == "view":
-            mix, given_m, valid_m = weak_view(images_u, given, self.scale_range)
-            sources = [strong_photometric(mix) for _ in strong]
-        else:
-            sources = [torch.roll(s, -1, dims=0) for s in strong]  # partner (i + 1) mod B
-        boxes = [cutmix_boxes(batch, height, width, device=weak.device, p=self.hparams.cutmix_p) for _ in strong]
-        strong = [mix_by_mask(box, source, s) for box, source, s in zip(boxes, sources, strong)]
-        return UnlabeledViews(weak, given_w, valid_w, strong, boxes, mix, given_m, valid_m)
+        with self.phase("mix+aug"):
+            images_u = unlabeled["image"]
+            batch, _, height, width = images_u.shape
+            given = unlabeled.get("mask", torch.full_like(images_u[:, 0], self.ignore_index, dtype=torch.long))
+            weak, given_w, valid_w = weak_view(images_u, given, self.scale_range)
+            strong = [strong_photometric(weak) for _ in range(self.num_strong_views)]
+            mix = given_m = valid_m = None
+            if self.hparams.mix_source == "view":
+                mix, given_m, valid_m = weak_view(images_u, given, self.scale_range)
+                sources = [strong_photometric(mix) for _ in strong]
+            else:
+                sources = [torch.roll(s, -1, dims=0) for s in strong]  # partner (i + 1) mod B
+            boxes = [cutmix_boxes(batch, height, width, device=weak.device, p=self.hparams.cutmix_p) for _ in strong]
+            strong = [mix_by_mask(box, source, s) for box, source, s in zip(boxes, sources, strong)]
+            return UnlabeledViews(weak, given_w, valid_w, strong, boxes, mix, given_m, valid_m)
 
     @torch.no_grad()
     def targets(self, views: UnlabeledViews, logits_w: Tensor) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:

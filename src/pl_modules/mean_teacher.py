@@ -17,6 +17,7 @@ from torch import Tensor
 from src.pl_modules.base import SemiSupervisedModule
 from src.pl_modules.ops import (MIX_MODES, confidence_weighted_ce, mix_unlabeled, overwrite_given, random_rescale_crop,
                                  strong_augment)
+from src.pl_modules.timing import StepFloor
 
 
 class MeanTeacher(SemiSupervisedModule):
@@ -34,6 +35,8 @@ class MeanTeacher(SemiSupervisedModule):
     uses_teacher = True
     uses_unlabeled = True
     default_mix_mode = "none"
+    # Two passes with gradient (labeled, then unlabeled: BatchNorm statistics per stream); the teacher's forward.
+    step_floor = StepFloor(passes=(1, 1), eval_forwards=1)
 
     def __init__(
         self,
@@ -72,9 +75,11 @@ class MeanTeacher(SemiSupervisedModule):
         _, confidences, pseudo_labels = self.teacher_predict(images_u)
         if "mask" in unlabeled:  # partial labels
             pseudo_labels, confidences = overwrite_given(pseudo_labels, confidences, unlabeled["mask"], self.ignore_index)
-        images_u, pseudo_labels, confidences = random_rescale_crop(images_u, pseudo_labels, confidences, self.scale_range)
-        images_u, pseudo_labels, confidences = mix_unlabeled(self.mix_mode, images_u, pseudo_labels, confidences)
-        return strong_augment(images_u, pseudo_labels, confidences)
+        with self.phase("mix+aug"):
+            images_u, pseudo_labels, confidences = random_rescale_crop(images_u, pseudo_labels, confidences,
+                                                                       self.scale_range)
+            images_u, pseudo_labels, confidences = mix_unlabeled(self.mix_mode, images_u, pseudo_labels, confidences)
+            return strong_augment(images_u, pseudo_labels, confidences)
 
     def compute_losses(self, batch: dict[str, dict[str, Tensor]]) -> dict[str, Tensor]:
         images_l, masks_l = batch["labeled"]["image"], batch["labeled"]["mask"]

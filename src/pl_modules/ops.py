@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -287,7 +289,10 @@ def swap_halves(x: Tensor, keep: Tensor) -> Tensor:
 
 
 def cross_set_cutmix_forward(
-    forward: Callable[[Tensor], tuple[Tensor, Tensor | None]], images: Tensor, cutmix: bool = True
+    forward: Callable[[Tensor], tuple[Tensor, Tensor | None]],
+    images: Tensor,
+    cutmix: bool = True,
+    mixing: Callable[[], AbstractContextManager[Any]] = nullcontext,
 ) -> tuple[Tensor, Tensor | None]:
     """Outputs of ``forward`` on a randomly paired, cross-set CutMixed batch, un-mixed (METHODS.md 6 step 2).
 
@@ -302,18 +307,21 @@ def cross_set_cutmix_forward(
             equals un-mixing its input.
         images: (N, 3, H, W).
         cutmix: Swap the boxes (else the batch is only permuted).
+        mixing: Makes the context that encloses the mixing and the un-mixing (a timing phase).
     """
     perm = torch.randperm(len(images)).to(images.device)
     mixed = images[perm]
     keep = None
     if cutmix and len(images) >= 2:
-        keep = box_masks(len(images) // 2, *images.shape[-2:], device=images.device)
-        mixed = swap_halves(mixed, keep)
+        with mixing():
+            keep = box_masks(len(images) // 2, *images.shape[-2:], device=images.device)
+            mixed = swap_halves(mixed, keep)
     logits, embeddings = forward(mixed)
     if keep is not None:
-        logits = swap_halves(logits, keep)
-        if embeddings is not None:
-            embeddings = swap_halves(embeddings, downsample_nearest(keep, embeddings.shape[-2:]))
+        with mixing():
+            logits = swap_halves(logits, keep)
+            if embeddings is not None:
+                embeddings = swap_halves(embeddings, downsample_nearest(keep, embeddings.shape[-2:]))
     inverse = perm.argsort()
     return logits[inverse], embeddings[inverse] if embeddings is not None else None
 

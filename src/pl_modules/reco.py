@@ -18,6 +18,7 @@ from torch import Tensor
 from src.losses.reco import reco_from_features
 from src.pl_modules.mean_teacher import MeanTeacher
 from src.pl_modules.ops import confidence_weighted_ce
+from src.pl_modules.timing import StepFloor
 
 
 class ReCo(MeanTeacher):
@@ -37,6 +38,7 @@ class ReCo(MeanTeacher):
     name = "reco"
     uses_representation = True
     default_mix_mode = "classmix"
+    step_floor = StepFloor(passes=(1, 1), eval_forwards=1, variant="head")
 
     def __init__(
         self,
@@ -54,17 +56,18 @@ class ReCo(MeanTeacher):
 
     def reco_term(self, logits: Tensor, features: Tensor, labels: Tensor, valid: Tensor) -> Tensor:
         hp = self.hparams
-        return reco_from_features(
-            self.rep_head,
-            logits,
-            features,
-            labels,
-            valid,
-            strong_threshold=hp.reco_strong_threshold,
-            temperature=hp.temperature,
-            num_queries=hp.num_queries,
-            num_negatives=hp.num_negatives,
-        )
+        with self.phase("contrast"):
+            return reco_from_features(
+                self.rep_head,
+                logits,
+                features,
+                labels,
+                valid,
+                strong_threshold=hp.reco_strong_threshold,
+                temperature=hp.temperature,
+                num_queries=hp.num_queries,
+                num_negatives=hp.num_negatives,
+            )
 
     def compute_losses(self, batch: dict[str, dict[str, Tensor]]) -> dict[str, Tensor]:
         hp = self.hparams

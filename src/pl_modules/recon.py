@@ -22,6 +22,7 @@ from torchmetrics import MeanMetric
 from src.losses.reconstruction import MS_SSIM_WEIGHTS, fitting_scales, reconstruction_loss
 from src.pl_modules.base import SemiSupervisedModule
 from src.pl_modules.ops import coarse_cutout, warmup_cosine
+from src.pl_modules.timing import StepFloor
 
 # Dataset statistics of the reference (VOC JPEGImages, computed by its authors).
 REFERENCE_MEAN = (0.4529, 0.4317, 0.3999)
@@ -64,6 +65,7 @@ class Recon(SemiSupervisedModule):
 
     name = "recon"
     evaluates_miou = False
+    step_floor = StepFloor()  # one pass of its images
     # Read by benchmarks/run.py: trained once per seed, then initialises another method ("recon+<method>").
     pretraining_only = True
 

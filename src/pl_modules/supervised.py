@@ -12,6 +12,7 @@ from torch import Tensor
 
 from src.losses.reco import reco_from_features
 from src.pl_modules.base import SemiSupervisedModule
+from src.pl_modules.timing import StepFloor
 
 
 class Supervised(SemiSupervisedModule):
@@ -28,6 +29,7 @@ class Supervised(SemiSupervisedModule):
     """
 
     name = "supervised"
+    step_floor = StepFloor()  # its own step
 
     def __init__(self, reco_weight: float = 0.0, reco_options: dict[str, Any] | None = None, **kwargs: Any) -> None:
         if reco_weight < 0:
@@ -43,8 +45,9 @@ class Supervised(SemiSupervisedModule):
             return {"loss": loss, "loss_sup": loss.detach()}
         logits, features = self.student.forward_features(images_l)
         loss_sup = self.supervised_loss(logits, masks_l)
-        loss_reco = reco_from_features(
-            self.rep_head, logits, features, masks_l, masks_l != self.ignore_index, **self.reco_options
-        )
+        with self.phase("contrast"):
+            loss_reco = reco_from_features(
+                self.rep_head, logits, features, masks_l, masks_l != self.ignore_index, **self.reco_options
+            )
         loss = loss_sup + self.hparams.reco_weight * loss_reco
         return {"loss": loss, "loss_sup": loss_sup.detach(), "loss_reco": loss_reco.detach()}

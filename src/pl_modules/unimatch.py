@@ -14,6 +14,7 @@ from torch import Tensor
 
 from src.pl_modules.fixmatch import FixMatch
 from src.pl_modules.ops import thresholded_ce
+from src.pl_modules.timing import StepFloor
 
 
 class UniMatch(FixMatch):
@@ -35,6 +36,8 @@ class UniMatch(FixMatch):
 
     name = "unimatch"
     num_strong_views = 2
+    # [labeled; weak] (and its perturbed stream), then both strong views; the mixing view's labels.
+    step_floor = StepFloor(passes=(2, 2), eval_forwards=1, variant="fp")
 
     def __init__(self, fp_dropout: float = 0.5, fp_weight: float = 0.5, **kwargs: Any) -> None:
         super().__init__(**kwargs)

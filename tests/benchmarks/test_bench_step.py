@@ -6,16 +6,21 @@ import sys
 
 import pytest
 
-from benchmarks.bench_step import FLOOR, PARTS, floor_key, floor_rounds, floors, median_round, parse_floor_key, table
+from benchmarks.bench_step import (PARTS, child_command, floor_job, floor_key, floor_rounds, floors, median_round,
+                                   method_job, table)
+from src.pl_modules import METHODS
+from src.pl_modules.timing import StepFloor
 from tests.conftest import REPO, SMOKE
 
+TINY = ["--config", SMOKE, "--crop", "32", "--steps", "2", "--warmup", "1", "--workers", "0", "--threads", "1"]
 
-def measure_one(method: str, *extra: str) -> dict:
-    done = subprocess.run(
-        [sys.executable, "benchmarks/bench_step.py", "--config", SMOKE, "--crop", "32", "--steps", "2",
-         "--warmup", "1", "--workers", "0", "--threads", "1", "--methods", method, "--one", method, *extra],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
-    )
+
+def measure_one(method: str) -> dict:
+    return measure_job(method_job(method, 8))
+
+
+def measure_job(job) -> dict:
+    done = subprocess.run(child_command(job, TINY), cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     return json.loads(done.stdout.split("RESULT ", 1)[1])
 
@@ -47,9 +52,9 @@ def test_floor_step_runs_the_network_as_the_method_does(method, passes):
     # perturbed streams, with a zero loss on the heads (their losses never run), and as many
     # no-gradient forwards of one batch (the teacher's).
     seen = measure_one(method)
-    floor = measure_one("supervised", "--floor", floor_key(method), "--batch", str(sum(passes)))
+    floor = measure_job(floor_job(floor_key(method), f"floor of {method}", 8))
     assert seen["grad_passes"] == floor["grad_passes"] == passes
-    assert seen["eval_passes"] == floor["eval_passes"] == [8] * FLOOR[method][1] == [8]
+    assert seen["eval_passes"] == floor["eval_passes"] == [8] * METHODS[method].step_floor.eval_forwards == [8]
     assert seen["head_trained"] == floor["head_trained"] == (method in ("reco", "c3semiseg"))
     assert seen["perturbed_per_step"] == floor["perturbed_per_step"] == (method == "unimatch")
     assert floor["contrast"] == 0
@@ -62,9 +67,9 @@ def test_plain_supervised_step_has_no_head_and_no_perturbed_stream():
 
 
 def test_floor_keys_name_passes_eval_forwards_and_variant():
-    assert floor_key("reco") == "1,1:1+head" and parse_floor_key("1,1:1+head") == ([1, 1], 1, "head")
-    assert floor_key("unimatch") == "2,2:1+fp" and parse_floor_key("2,1:1") == ([2, 1], 1, "")
-    assert parse_floor_key("1") == ([1], 0, "") and floor_key("unknown") is None
+    assert floor_key("reco") == "1,1:1+head" and StepFloor.from_key("1,1:1+head") == StepFloor((1, 1), 1, "head")
+    assert floor_key("unimatch") == "2,2:1+fp" and StepFloor.from_key("2,1:1") == StepFloor((2, 1), 1, "")
+    assert StepFloor.from_key("1") == StepFloor((1,), 0, "") and floor_key("unknown") is None
 
 
 def test_table_ratios_to_supervised():

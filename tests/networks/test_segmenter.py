@@ -30,6 +30,19 @@ def test_unet_features_full_resolution():
     assert logits.shape == (1, 3, 32, 32) and features.shape == (1, 16, 32, 32)
 
 
+def test_pass_hooks_see_every_pass_once_until_removed():
+    net = tiny().train()
+    seen = []
+    handle = net.register_pass_hook(lambda images, perturbed: seen.append((len(images), perturbed)))
+    net(torch.rand(2, 3, 32, 32))
+    net.forward_features(torch.rand(3, 3, 32, 32))
+    net.forward_perturbed(torch.rand(4, 3, 32, 32))
+    assert seen == [(2, False), (3, False), (4, True)]
+    handle.remove()
+    net(torch.rand(2, 3, 32, 32))
+    assert len(seen) == 3
+
+
 def test_normalisation_is_inside_the_network():
     net = tiny().eval()
     images = torch.rand(1, 3, 32, 32)
