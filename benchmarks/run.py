@@ -131,6 +131,7 @@ PROTOCOL_SOURCES: dict[str, tuple[str, str]] = {
     "dataset": ("data", "dataset"),
     "split_source": ("data", "split_strategy"),
     "split_strategy": ("data", "split_strategy"),
+    "split_seed": ("data", "split_seed"),
     "partial_labels": ("data", "partial_labels"),
     "crop_size": ("data", "crop_size"),
     "batch_size_labeled": ("data", "batch_size_labeled"),
@@ -140,6 +141,7 @@ PROTOCOL_SOURCES: dict[str, tuple[str, str]] = {
     "test_split": ("data", "test_split"),
     "arch": ("model", "arch"),
     "encoder": ("model", "encoder_name"),
+    "encoder_weights": ("model", "encoder_weights"),
     "max_steps": ("trainer", "max_steps"),
     "precision": ("trainer", "precision"),
 }

@@ -70,6 +70,7 @@ def test_grid_runs_skips_finished_and_redoes_a_missing_result(tmp_path: Path) ->
     assert 0.0 <= first["val_miou_last"] <= 100.0 and first["test_miou"] is not None
     assert set(first["val_iou_last"]) == set(first["test_iou"]) and len(first["val_iou_last"]) == 8
     assert first["protocol"]["encoder"] == "tu-test_resnet" and first["protocol"]["max_steps"] == 4
+    assert first["protocol"]["encoder_weights"] is None and first["protocol"]["split_seed"] == 0
     assert first["protocol"]["dataset"] == "synthetic" and first["protocol"]["crop_size"] == 32
     assert first["git_commit"] and first["peak_rss_bytes"] > 0 and first["wall_time_s"] > 0
     # Budgets differ in the run config, not in the settings the table compares.
