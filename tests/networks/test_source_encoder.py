@@ -34,6 +34,15 @@ def test_key_follows_the_network_and_the_cache_folder_follows_the_environment(ca
     assert source_encoder_path(*NETWORK).parent == cache / "encoders"
 
 
+def test_key_follows_the_scenes_the_generator_draws(cache, monkeypatch):
+    from src.datasets import synthetic
+
+    before = source_key(*NETWORK)
+    drawn = synthetic.generate_scene
+    monkeypatch.setattr(synthetic, "generate_scene", lambda rng, size, variant: tuple(a // 2 for a in drawn(rng, size, variant)))
+    assert source_key(*NETWORK) != before
+
+
 def test_a_cached_encoder_is_loaded_exactly_and_nothing_is_trained(cache, monkeypatch):
     state = random_state(tiny().model.encoder, seed=3)
     path = source_encoder_path(*NETWORK)
