@@ -12,6 +12,7 @@ it ahead of time with::
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import sys
 import tempfile
@@ -40,9 +41,9 @@ def pretrain(arch: str, encoder_name: str, model_options: dict[str, Any], out: P
         ])
         # The last step's weights: a fixed schedule, no selection on any validation score.
         state = {k: v.detach().cpu().contiguous() for k, v in cli.model.student.model.encoder.state_dict().items()}
-        with tempfile.NamedTemporaryFile(dir=run_dir, suffix=".pt") as tmp:
-            torch.save(state, tmp.name)
-            atomic_write_bytes(out, Path(tmp.name).read_bytes())
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write_bytes(out, buffer.getvalue())
     print(f"source-pretrained encoder: {out}", flush=True)
 
 
