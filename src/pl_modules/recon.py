@@ -1,6 +1,6 @@
 """Self-supervised pretraining by image reconstruction with coarse cutout (METHODS.md section 7).
 
-Reference: p2irc `ir-ssl-for-semantic-segmentation` @0832843 (no paper text). Many small
+Reference: github.com/p2irc/ir-ssl-for-semantic-segmentation (no paper text). Many small
 rectangles of an image are blanked out (`ops.coarse_cutout`, section 7 "Corruption"); a U-Net
 predicts the clean image from the corrupted one, with the loss ``L1 + (1 - MS-SSIM)``
 (`src.losses.reconstruction`, section 7 "Loss") and a linear warm-up then cosine schedule
