@@ -120,6 +120,13 @@ class SemiSupervisedModule(pl.LightningModule, ABC):
 
     name = "base"
     uses_teacher = False
+    # A method with an unlabeled loss sets True and defines its pseudo-labelling rule,
+    # ``pseudo_labels(images) -> (pseudo-labels (B, H, W) long, confidence mask (B, H, W) bool)``,
+    # through the code its loss uses: teacher-based methods label with the teacher in its
+    # ``teacher_bn`` mode; teacher-free ones (FixMatch, UniMatch) with the student itself, in eval
+    # mode, so that their labeller's validation mIoU is ``val/miou``. The rule may update BatchNorm
+    # statistics and draw random numbers; `pseudo_label_diagnostics` puts them back. Only these
+    # methods get the ``diag/`` scores (`src.pl_modules.diagnostics`).
     uses_unlabeled = False
     uses_representation = False
     # The teacher follows the student after each optimizer step (ReCo), or before it (C3-SemiSeg).
@@ -134,6 +141,11 @@ class SemiSupervisedModule(pl.LightningModule, ABC):
     steady_state: dict[str, Any] = {}
     # Where `phase` reports; set by a recorder (`src.callbacks.PhaseTimer`) while it is attached.
     phase_recorder: PhaseRecorder | None = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.uses_unlabeled and not callable(getattr(cls, "pseudo_labels", None)):
+            raise TypeError(f"{cls.__name__} sets uses_unlabeled but defines no pseudo_labels(images) rule")
 
     def __init__(
         self,
@@ -267,21 +279,6 @@ class SemiSupervisedModule(pl.LightningModule, ABC):
         """
         recorder = self.phase_recorder
         return _NO_PHASE if recorder is None else recorder.timing(name)
-
-    @torch.no_grad()
-    def pseudo_labels(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        """This method's pseudo-labels for unlabeled ``images`` and the pixels its confidence rule keeps.
-
-        Each method with an unlabeled loss overrides it with its rule, through the code its loss
-        uses: teacher-based methods label with the teacher in its ``teacher_bn`` mode; teacher-free
-        ones (FixMatch, UniMatch) with the student itself, in eval mode, so that their labeller's
-        validation mIoU is ``val/miou``. It may update BatchNorm statistics and draw random numbers
-        (a train-mode teacher does); `pseudo_label_diagnostics` puts them back.
-
-        Returns:
-            Pseudo-labels (B, H, W) long and the confidence mask (B, H, W) bool.
-        """
-        raise NotImplementedError(f"{type(self).__name__} makes no pseudo-labels (uses_unlabeled = False)")
 
     def supervised_loss(self, logits: Tensor, masks: Tensor) -> Tensor:
         """Mean cross-entropy over labeled pixels; 0 (graph kept) if a batch has none (sparse labels)."""

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from src.pl_modules.base import iou_from_confusion, sliding_window_logits
+from src.pl_modules.base import SemiSupervisedModule, iou_from_confusion, sliding_window_logits
 from src.pl_modules.visualize import palette, prediction_grid
 
 
@@ -119,3 +119,10 @@ def test_lr_factor_is_the_floored_poly_schedule():
     assert module.lr_factor(0, 100) == 1.0
     assert module.lr_factor(50, 100) == pytest.approx(0.5**0.9)
     assert module.lr_factor(99, 100) == 0.05 and module.lr_factor(150, 100) == 0.05
+
+
+def test_a_method_with_an_unlabeled_loss_must_define_its_pseudo_label_rule():
+    with pytest.raises(TypeError, match="NoRule sets uses_unlabeled but defines no pseudo_labels"):
+        type("NoRule", (SemiSupervisedModule,), {"uses_unlabeled": True})
+    supervised = type("SupervisedOnly", (SemiSupervisedModule,), {})  # no rule needed, and none inherited
+    assert not hasattr(supervised, "pseudo_labels")
