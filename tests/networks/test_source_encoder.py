@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from src.networks import Segmenter
-from src.networks import source_encoder as module
 from src.networks.source_encoder import SOURCE_WEIGHTS, source_encoder_path, source_key
 from tests.conftest import REPO, assert_weights_loaded, random_state
 
