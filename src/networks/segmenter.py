@@ -33,7 +33,6 @@ from huggingface_hub import constants as hf_constants
 from huggingface_hub.errors import EntryNotFoundError
 from huggingface_hub.file_download import REGEX_COMMIT_HASH, repo_folder_name
 from timm.models._builder import _resolve_pretrained_source
-from timm.models._hub import hf_split
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
@@ -118,13 +117,15 @@ def _smp_cache(encoder_name: str, weights: str) -> CachedWeights:
 
 def _timm_cache(timm_name: str) -> CachedWeights | None:
     """Where timm's ``load_pretrained`` looks for a tagged model's weights (None: not a download)."""
+    # NOTE: timm's own (private) resolver, as timm has no public one: the files named are then the
+    # ones its loader reads (HF hub or URL, old-cache setting); the weights-cache tests catch a change.
     load_from, location = _resolve_pretrained_source(timm.models.get_pretrained_cfg(timm_name).to_dict())
     if load_from == "url":
         file = Path(urlparse(location).path).name
         return CachedWeights(location, Path(torch.hub.get_dir()) / "checkpoints", ((file,),))
     if load_from == "hf-hub":
         hub_id, filename = location if isinstance(location, tuple) else (location, None)
-        repo_id, revision = hf_split(hub_id)
+        repo_id, _, revision = hub_id.partition("@")  # timm's "<repo>@<revision>" form
         # Without a file name timm tries model.safetensors first, then pytorch_model.bin.
         files = ((filename,),) if filename else (("model.safetensors", "pytorch_model.bin"),)
         return _hf_cache(repo_id, revision, files)
