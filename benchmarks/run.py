@@ -37,6 +37,7 @@ whose YAML lives elsewhere.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -281,22 +282,32 @@ def check_passthrough(args: Sequence[str]) -> list[str]:
 
 
 def encoder_weights(args: Sequence[str]) -> Any:
-    """``model.init_args.encoder_weights`` as ``args`` leave it: the last ``--config`` file or flag setting it wins."""
-    weights = None
-    tokens = iter(args)
-    for arg in tokens:
-        key, has_value, value = arg.partition("=")
-        if key not in ("--config", "--model.init_args.encoder_weights", "--model.encoder_weights"):
-            continue
-        value = value if has_value else next(tokens, "")
-        if key != "--config":
-            weights = yaml.safe_load(value)  # "null" -> None, as the CLI reads it
-            continue
-        path = Path(value) if Path(value).is_absolute() else REPO / value
-        config = (yaml.safe_load(path.read_text()) if path.is_file() else None) or {}
-        init_args = (config.get("model") or {}).get("init_args") or {}
-        weights = init_args.get("encoder_weights", weights)
-    return weights
+    """``model.init_args.encoder_weights`` of a run with ``args`` (its method's ``--config`` first), as
+    `src.train`'s CLI resolves them from the repository, where runs start; nothing is built.
+
+    Raises:
+        GridError: The CLI refuses ``args``.
+    """
+    from jsonargparse import ArgumentError
+
+    from src.datamodules import SegmentationDataModule
+    from src.pl_modules import SemiSupervisedModule
+    from src.train import SemiSegCLI, one_line
+
+    class SettingsOnly(SemiSegCLI):
+        def instantiate_classes(self) -> None:  # the resolved config is enough: no network, weights or data
+            pass
+
+    try:
+        with contextlib.chdir(REPO):
+            cli = SettingsOnly(
+                SemiSupervisedModule, SegmentationDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                parser_kwargs={"exit_on_error": False}, run=False,
+                args=[*args, "--seed_everything", "false"],  # parsing only: seed nothing in this process
+            )
+    except (ArgumentError, ValueError) as exc:
+        raise GridError(one_line(str(exc))) from None
+    return cli.config.model.init_args.encoder_weights
 
 
 def parse_ints(text: str, option: str) -> list[int]:
@@ -802,11 +813,18 @@ def run_grid(
     if workers < 1:
         raise GridError(f"--workers must be >= 1, got {workers}")
     common = profile_args(profile, dataset, data_root) + check_passthrough(extra_args)
-    if profile == "paper" and encoder_weights(common) is None and not allow_random_init:
-        raise GridError(
-            "--profile paper with encoder_weights None (a random-init encoder): the published numbers "
-            "assume ImageNet-pretrained weights; pass --allow-random-init to run it anyway"
-        )
+    if profile == "paper" and not allow_random_init:
+        trained = dict.fromkeys(m.rpartition("+")[2] for m in methods)  # the YAMLs the grid trains (`config_name`)
+        random_init = [
+            m for m in trained
+            if encoder_weights(["--config", str(method_config(m, method_configs)), *common, *method_args(dataset, m)])
+            is None
+        ]
+        if random_init:
+            raise GridError(
+                f"--profile paper with encoder_weights None (a random-init encoder) for {random_init}: the "
+                "published numbers assume ImageNet-pretrained weights; pass --allow-random-init to run it anyway"
+            )
     out = Path(out if out is not None else default_out(dataset, profile)).resolve()
     out.mkdir(parents=True, exist_ok=True)
     specs = [

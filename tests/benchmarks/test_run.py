@@ -315,12 +315,18 @@ def test_paper_profile_refuses_a_random_init_encoder_unless_allowed(
 
 
 def test_encoder_weights_after_configs_and_flags(tmp_path: Path) -> None:
-    paper = profile_args("paper", "pascal_voc", "/data/voc")
-    assert encoder_weights(paper) == "imagenet" and encoder_weights(profile_args("quick", "folder", "/d")) is None
+    paper = ["--config", "configs/supervised.yaml", *profile_args("paper", "pascal_voc", "/data/voc")]
+    assert encoder_weights(paper) == "imagenet"
     override = tmp_path / "random_init.yaml"
     override.write_text("model:\n  init_args:\n    encoder_weights: null\n")
     assert encoder_weights([*paper, "--config", str(override)]) is None
     assert encoder_weights([*paper, "--config", str(override), "--model.encoder_weights", "ssl"]) == "ssl"
+    # Every form the CLI takes: a config without init_args, the arguments as one dict.
+    override.write_text("model:\n  encoder_weights: null\n")
+    assert encoder_weights([*paper, "--config", str(override)]) is None
+    assert encoder_weights([*paper, "--model.init_args", "{encoder_weights: null}"]) is None
+    with pytest.raises(GridError, match="Supervised"):  # the CLI refuses an unknown option
+        encoder_weights([*paper, "--model.init_args.encoder_weight", "imagenet"])
 
 
 def test_profiles_and_passthrough() -> None:
