@@ -78,6 +78,20 @@ def diagnostic_scores(counts: dict[str, Tensor]) -> dict[str, float]:
     }
 
 
+def check_fractions(**options: float) -> None:
+    """Raise a ValueError naming the first option (``model.<name>``) outside [0, 1]."""
+    for name, value in options.items():
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"model.{name} must be in [0, 1], got {value}")
+
+
+def check_non_negative(**options: float) -> None:
+    """Raise a ValueError naming the first option (``model.<name>``) below 0."""
+    for name, value in options.items():
+        if value < 0:
+            raise ValueError(f"model.{name} must be >= 0, got {value}")
+
+
 class SemiSupervisedModule(pl.LightningModule, ABC):
     """Base of every method: networks, EMA teacher, optimizer, evaluation and logging.
 
@@ -177,8 +191,7 @@ class SemiSupervisedModule(pl.LightningModule, ABC):
             raise ValueError(f"model.teacher_bn={teacher_bn!r}; expected one of {TEACHER_BN_MODES}")
         if eval_mode not in EVAL_MODES:
             raise ValueError(f"model.eval_mode={eval_mode!r}; expected one of {EVAL_MODES}")
-        if not 0.0 <= ema_decay <= 1.0:
-            raise ValueError(f"model.ema_decay must be in [0, 1], got {ema_decay}")
+        check_fractions(ema_decay=ema_decay)
         if class_names is not None and len(class_names) != num_classes:
             raise ValueError(f"model.class_names has {len(class_names)} names for num_classes={num_classes}")
         self.save_hyperparameters(ignore=["optimizer"])

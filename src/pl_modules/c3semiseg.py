@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from src.losses.c3 import class_balanced_mask, contrastive_from_logits, soft_consistency_loss, update_class_thresholds
 from src.losses.reco import pool_to_stride
 from src.networks import projection_head
-from src.pl_modules.base import SemiSupervisedModule
+from src.pl_modules.base import SemiSupervisedModule, check_fractions, check_non_negative
 from src.pl_modules.ops import (colour_jitter, cross_set_cutmix_forward, ema_decay, ema_update, overwrite_given,
                                  sigmoid_rampup, weak_view)
 from src.pl_modules.timing import StepFloor
@@ -101,19 +101,13 @@ class C3SemiSeg(SemiSupervisedModule):
         eval_teacher: bool = False,
         **kwargs: Any,
     ) -> None:
-        non_negative = {
-            "contrastive_weight": contrastive_weight, "consistency_weight": consistency_weight, "gamma": gamma,
-            "contrastive_start_step": contrastive_start_step, "contrastive_ramp_up_steps": contrastive_ramp_up_steps,
-            "consistency_ramp_up_steps": consistency_ramp_up_steps, "unlabeled_start_step": unlabeled_start_step,
-        }
-        for option, value in non_negative.items():
-            if value < 0:
-                raise ValueError(f"model.{option} must be >= 0, got {value}")
-        fractions = {"end_percent": end_percent, "threshold_momentum": threshold_momentum,
-                     "initial_threshold": initial_threshold}
-        for option, value in fractions.items():
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"model.{option} must be in [0, 1], got {value}")
+        check_non_negative(
+            contrastive_weight=contrastive_weight, consistency_weight=consistency_weight, gamma=gamma,
+            contrastive_start_step=contrastive_start_step, contrastive_ramp_up_steps=contrastive_ramp_up_steps,
+            consistency_ramp_up_steps=consistency_ramp_up_steps, unlabeled_start_step=unlabeled_start_step,
+        )
+        check_fractions(end_percent=end_percent, threshold_momentum=threshold_momentum,
+                        initial_threshold=initial_threshold)
         if not temperature > 0:
             raise ValueError(f"model.temperature must be > 0, got {temperature}")
         if num_views < 2:

@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from src.pl_modules.base import SemiSupervisedModule
+from src.pl_modules.base import SemiSupervisedModule, check_fractions
 from src.pl_modules.ops import (confident_fraction, cutmix_boxes, mix_by_mask, overwrite_given, strong_photometric,
                                  thresholded_ce, weak_view)
 from src.pl_modules.timing import StepFloor
@@ -27,26 +27,26 @@ class UnlabeledViews(NamedTuple):
     valid_w: Tensor  # (B, H, W) bool
     strong: list[Tensor]  # each (B, 3, H, W), already CutMixed
     boxes: list[Tensor]  # each (B, H, W) bool, True where the mix source was pasted
-    mix: Tensor | None  # mix_source="view": the second weak view, labelled in eval mode, with its
-    given_m: Tensor | None  # given labels and
-    valid_m: Tensor | None  # valid pixels
+    # mix_source="view": the second weak view (labelled in eval mode), its given labels and valid pixels.
+    mix: Tensor | None
+    given_m: Tensor | None
+    valid_m: Tensor | None
 
 
 class FixMatch(SemiSupervisedModule):
     """FixMatch as UniMatch's baseline: one CutMixed strong view learns the weak view's confident labels.
 
-    Per step: a weak view (batch rescale-crop with ``scale_range``, h-flip) and strong views of it
-    (plus colour jitter, grayscale, blur and, with ``cutmix_p``, a pasted box); one train-mode forward
-    on ``[labeled; weak]`` (BatchNorm over both, as the reference), one on the strong views. The weak
-    prediction, detached, is the target: ``L = (L_sup + L_strong) / 2`` (METHODS.md 8 step 6).
+    Per step: a weak view (batch rescale-crop with ``scale_range``, h-flip) and strong views of it (plus
+    colour jitter, grayscale, blur and, with ``cutmix_p``, a pasted box); train-mode forwards of ``[labeled;
+    weak]`` (BatchNorm over both, as the reference) and of the strong views, which learn the detached weak
+    prediction: ``L = (L_sup + L_strong) / 2`` (METHODS.md 8 step 6).
 
     Choices where the reference is loose (METHODS.md 8, 10):
-    - The CutMix source. The released code zips the same loader twice, so its "mix batch" holds
-      the same images, independently augmented, labelled by an eval-mode forward (UniMatch issue
-      #51; METHODS.md 8 calls it an independent batch). ``mix_source="view"`` does that, from a
-      second batch-level weak view of each crop. ``"batch"`` pastes sample (i + 1) mod B's strong
-      view and reuses its train-mode weak prediction (no extra forward); the authors report equal
-      results (issues #34, #68).
+    - The CutMix source. The released code zips the same loader twice: its "mix batch" holds the
+      same images, independently augmented, labelled by an eval-mode forward (UniMatch issue #51).
+      ``mix_source="view"`` does that from a second weak view of each crop; ``"batch"`` pastes
+      sample (i + 1) mod B's strong view with its train-mode weak prediction (no extra forward).
+      The authors report equal results (issues #34, #68).
     - The weak view's rescale is the batch-level `random_rescale_crop` of the crops (range from
       ``data.scale_range``; UniMatch resizes the whole image by 0.5-2.0 before cropping), padding ignored.
     - Partial labels (this suite's mode, not UniMatch's) overwrite pseudo-labels with confidence 1.
@@ -69,10 +69,7 @@ class FixMatch(SemiSupervisedModule):
         self, confidence_threshold: float = 0.95, cutmix_p: float = 0.5, mix_source: str = "view", **kwargs: Any
     ) -> None:
         super().__init__(**kwargs)
-        if not 0.0 <= confidence_threshold <= 1.0:
-            raise ValueError(f"model.confidence_threshold must be in [0, 1], got {confidence_threshold}")
-        if not 0.0 <= cutmix_p <= 1.0:
-            raise ValueError(f"model.cutmix_p must be in [0, 1], got {cutmix_p}")
+        check_fractions(confidence_threshold=confidence_threshold, cutmix_p=cutmix_p)
         if mix_source not in MIX_SOURCES:
             raise ValueError(f"model.mix_source={mix_source!r}; expected one of {MIX_SOURCES}")
 
@@ -85,7 +82,7 @@ class FixMatch(SemiSupervisedModule):
         self, loss_strong: Tensor, logits_fp: Tensor | None, targets_w: tuple[Tensor, Tensor, Tensor]
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """The unlabeled loss and extra logged terms from the strong views' mean term, the third output of
-        `forward_labeled_and_weak` and the weak view's (pseudo-labels, confidences, valid): here the first alone."""
+        `forward_labeled_and_weak` and the weak (pseudo-labels, confidences, valid): here the first alone."""
         return loss_strong, {}
 
     @torch.no_grad()
@@ -96,12 +93,10 @@ class FixMatch(SemiSupervisedModule):
 
     @torch.no_grad()
     def pseudo_labels(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        """The student's eval-mode argmax (`predict_eval_mode`); confident from ``confidence_threshold`` on.
+        """The student's eval-mode argmax (`predict_eval_mode`), confident from ``confidence_threshold`` on.
 
-        NOTE: the strong views learn the weak view's prediction from the train-mode forward of
-        ``[labeled; weak]`` (batch statistics); only the mix view is labelled in eval mode. Eval mode
-        makes the labeller the validated model, independent of the batch it is measured on.
-        """
+        NOTE: training labels the weak view in train mode (batch statistics), the mix view in eval mode;
+        eval mode makes the labeller the validated model, independent of the batch it is measured on."""
         confidences, pseudo_labels = self.predict_eval_mode(images)
         return pseudo_labels, confidences >= self.hparams.confidence_threshold
 

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from src.pl_modules.base import SemiSupervisedModule
+from src.pl_modules.base import SemiSupervisedModule, check_fractions, check_non_negative
 from src.pl_modules.ops import (MIX_MODES, confidence_weighted_ce, mix_unlabeled, overwrite_given, random_rescale_crop,
                                  strong_augment)
 from src.pl_modules.timing import StepFloor
@@ -49,10 +49,8 @@ class MeanTeacher(SemiSupervisedModule):
         mix_mode = self.default_mix_mode if mix_mode is None else mix_mode
         if mix_mode not in MIX_MODES:
             raise ValueError(f"model.mix_mode={mix_mode!r}; expected one of {MIX_MODES}")
-        if not 0.0 <= strong_threshold <= 1.0:
-            raise ValueError(f"model.strong_threshold must be in [0, 1], got {strong_threshold}")
-        if unsup_weight < 0:
-            raise ValueError(f"model.unsup_weight must be >= 0, got {unsup_weight}")
+        check_fractions(strong_threshold=strong_threshold)
+        check_non_negative(unsup_weight=unsup_weight)
         self.mix_mode = mix_mode
 
     @torch.no_grad()

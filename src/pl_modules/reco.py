@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from src.losses.reco import reco_from_features
+from src.pl_modules.base import check_fractions
 from src.pl_modules.mean_teacher import MeanTeacher
 from src.pl_modules.ops import confidence_weighted_ce
 from src.pl_modules.timing import StepFloor
@@ -51,8 +52,7 @@ class ReCo(MeanTeacher):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        if not 0.0 <= weak_threshold <= 1.0:
-            raise ValueError(f"model.weak_threshold must be in [0, 1], got {weak_threshold}")
+        check_fractions(weak_threshold=weak_threshold)
 
     def reco_term(self, logits: Tensor, features: Tensor, labels: Tensor, valid: Tensor) -> Tensor:
         hp = self.hparams

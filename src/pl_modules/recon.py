@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
 from src.losses.reconstruction import MS_SSIM_WEIGHTS, fitting_scales, reconstruction_loss
-from src.pl_modules.base import SemiSupervisedModule
+from src.pl_modules.base import SemiSupervisedModule, check_fractions, check_non_negative
 from src.pl_modules.ops import coarse_cutout, warmup_cosine
 from src.pl_modules.timing import StepFloor
 
@@ -88,14 +88,10 @@ class Recon(SemiSupervisedModule):
     ) -> None:
         if not 1 <= hole_size[0] <= hole_size[1]:
             raise ValueError(f"model.hole_size must satisfy 1 <= low <= high, got {hole_size}")
-        if not 0.0 <= hole_area_fraction <= 1.0:
-            raise ValueError(f"model.hole_area_fraction must be in [0, 1], got {hole_area_fraction}")
-        if not 0.0 <= channel_hole_probability <= 1.0:
-            raise ValueError(f"model.channel_hole_probability must be in [0, 1], got {channel_hole_probability}")
+        check_fractions(hole_area_fraction=hole_area_fraction, channel_hole_probability=channel_hole_probability)
         if len(image_mean) != 3 or len(image_std) != 3 or min(image_std) <= 0:
             raise ValueError(f"model.image_mean/image_std need 3 values, std > 0; got {image_mean}, {image_std}")
-        if ssim_weight < 0:
-            raise ValueError(f"model.ssim_weight must be >= 0, got {ssim_weight}")
+        check_non_negative(ssim_weight=ssim_weight)
         if not 1 <= ssim_scales <= len(MS_SSIM_WEIGHTS):
             raise ValueError(f"model.ssim_scales must be in [1, {len(MS_SSIM_WEIGHTS)}], got {ssim_scales}")
         if ssim_window < 1 or ssim_window % 2 == 0:

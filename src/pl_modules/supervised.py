@@ -11,7 +11,7 @@ from typing import Any
 from torch import Tensor
 
 from src.losses.reco import reco_from_features
-from src.pl_modules.base import SemiSupervisedModule
+from src.pl_modules.base import SemiSupervisedModule, check_non_negative
 from src.pl_modules.timing import StepFloor
 
 
@@ -32,8 +32,7 @@ class Supervised(SemiSupervisedModule):
     step_floor = StepFloor()  # its own step
 
     def __init__(self, reco_weight: float = 0.0, reco_options: dict[str, Any] | None = None, **kwargs: Any) -> None:
-        if reco_weight < 0:
-            raise ValueError(f"model.reco_weight must be >= 0, got {reco_weight}")
+        check_non_negative(reco_weight=reco_weight)
         self.uses_representation = reco_weight > 0  # read by the base to build the representation head
         super().__init__(**kwargs)
         self.reco_options = dict(reco_options or {})

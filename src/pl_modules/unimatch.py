@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from src.pl_modules.base import check_fractions
 from src.pl_modules.fixmatch import FixMatch
 from src.pl_modules.ops import thresholded_ce
 from src.pl_modules.timing import StepFloor
@@ -43,8 +44,7 @@ class UniMatch(FixMatch):
         super().__init__(**kwargs)
         if not 0.0 <= fp_dropout < 1.0:
             raise ValueError(f"model.fp_dropout must be in [0, 1), got {fp_dropout}")
-        if not 0.0 <= fp_weight <= 1.0:
-            raise ValueError(f"model.fp_weight must be in [0, 1], got {fp_weight}")
+        check_fractions(fp_weight=fp_weight)
 
     def forward_labeled_and_weak(self, images_l: Tensor, images_w: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
         clean, perturbed = self.student.forward_perturbed(torch.cat([images_l, images_w]), self.hparams.fp_dropout)
