@@ -234,13 +234,12 @@ def markdown_table(table: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def ok_runs(frame: pd.DataFrame, metric: str) -> pd.DataFrame:
-    """The runs that finished (status ``ok``) and recorded ``metric``."""
-    return frame[(frame["status"] == "ok") & frame[metric].notna()]
-
-
-def _budgets(ok: pd.DataFrame) -> list[int]:
-    return sorted(ok["labels"].unique(), key=_budget_order) if not ok.empty else []
+def finished_curves(frame: pd.DataFrame, metric: str) -> tuple[list[int], dict[str, pd.DataFrame]]:
+    """The label budgets of the runs that finished (status ``ok``) and recorded ``metric``, in order,
+    and each method's `method_curves` of those runs over them."""
+    ok = frame[(frame["status"] == "ok") & frame[metric].notna()]
+    budgets = sorted(ok["labels"].unique(), key=_budget_order)
+    return budgets, method_curves(ok, metric, budgets)
 
 
 def method_curves(ok: pd.DataFrame, metric: str, budgets: Sequence[int]) -> dict[str, pd.DataFrame]:
@@ -292,9 +291,8 @@ def format_delta(delta: float, signal: bool) -> str:
 def delta_table(frame: pd.DataFrame, metric: str, method_order: Sequence[str] = ()) -> pd.DataFrame:
     """Method x label budget table of each method's Δ ``metric`` over `BASELINE` (`format_delta`);
     no rows without a baseline or another method."""
-    ok = ok_runs(frame, metric)
-    budgets = _budgets(ok)
-    deltas = delta_curves(method_curves(ok, metric, budgets))
+    budgets, curves = finished_curves(frame, metric)
+    deltas = delta_curves(curves)
     cells = {method: [format_delta(d, s) for d, s in zip(v["delta"], v["signal"])] for method, v in deltas.items()}
     table = pd.DataFrame.from_dict(cells, orient="index", columns=budgets)
     table = table.reindex(index=_method_order(list(cells), method_order))
@@ -313,10 +311,8 @@ def miou_figure(frame: pd.DataFrame, metric: str, title: str, method_order: Sequ
     """Mean ``metric`` against the label budget (log axis), one line per method, std error bars; and
     beside it, when there is a `BASELINE` and another method, each method's Δ over the baseline with
     pooled-std error bars, a filled marker where the Δ exceeds the seed noise."""
-    ok = ok_runs(frame, metric)
-    budgets = _budgets(ok)
+    budgets, curves = finished_curves(frame, metric)
     position = budget_positions(budgets)
-    curves = method_curves(ok, metric, budgets)
     deltas = delta_curves(curves)
     methods = _method_order(list(curves), method_order)
     color = {method: f"C{i % 10}" for i, method in enumerate(methods)}
