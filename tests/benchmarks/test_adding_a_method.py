@@ -3,7 +3,6 @@ given its YAML in tmp_path, goes through bench_step.py and run.py's quick profil
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 from typing import Any
