@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 from torchmetrics.functional.image import structural_similarity_index_measure as ssim_torchmetrics
 
-from src.losses.reconstruction import MS_SSIM_WEIGHTS, fitting_scales, ms_ssim, reconstruction_loss
+from src.losses.reconstruction import MS_SSIM_WEIGHTS, _constants, fitting_scales, gaussian_window, ms_ssim, reconstruction_loss
 
 
 def reference_ms_ssim(x: torch.Tensor, y: torch.Tensor, scales: int) -> torch.Tensor:
@@ -48,6 +48,21 @@ def test_ms_ssim_stays_fp32_under_autocast():
         mixed = ms_ssim(x, y, 2)
     assert mixed.dtype == torch.float32
     assert mixed.item() == pytest.approx(exact.item(), abs=1e-6)
+
+
+def test_ms_ssim_constants_are_made_once_and_serve_a_backward_after_a_validation():
+    _constants.cache_clear()
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 48, 48, generator=g)
+    y = (x + 0.1 * torch.randn(x.shape, generator=g)).requires_grad_()
+    with torch.inference_mode():  # Lightning validates under inference mode, possibly before any step
+        ms_ssim(x, y.detach(), 2)
+    ms_ssim(x, y, 2).backward()
+    assert y.grad is not None and y.grad.abs().sum() > 0
+    window, weights = _constants(11, 2, torch.float32, x.device)
+    assert _constants(11, 2, torch.float32, x.device)[0] is window and _constants.cache_info().misses == 1
+    assert torch.equal(window, gaussian_window(11))
+    assert torch.equal(weights, torch.tensor(MS_SSIM_WEIGHTS[:2]) / torch.tensor(MS_SSIM_WEIGHTS[:2]).sum())
 
 
 def test_reconstruction_loss_is_l1_plus_weighted_dissimilarity():
