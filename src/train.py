@@ -34,6 +34,7 @@ from src.datamodules import SegmentationDataModule
 from src.pl_modules import SemiSupervisedModule
 from src.utils import AtomicCheckpointIO, atomic_write_json, scalar_metrics
 
+
 class _DropLightningAdverts(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return not record.getMessage().startswith("💡 Tip: For seamless cloud")
