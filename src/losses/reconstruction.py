@@ -5,11 +5,11 @@ Multi-scale SSIM (Wang et al., 2003) as pytorch_msssim computes it, in fp32, bat
 
 from __future__ import annotations
 
-import functools
+import warnings
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 # Per-scale exponents of MS-SSIM (Wang et al., 2003), finest scale first.
 MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
@@ -20,19 +20,6 @@ def gaussian_window(size: int, sigma: float = 1.5) -> Tensor:
     coords = torch.arange(size, dtype=torch.float32) - size // 2
     window = torch.exp(-(coords**2) / (2 * sigma**2))
     return window / window.sum()
-
-
-@functools.cache
-def _constants(window_size: int, scales: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
-    """The Gaussian window and the normalised scale weights on ``device``, made once per device.
-
-    A copy from host memory to a GPU waits for the device, so it is not repeated at every step.
-    They are made outside inference mode even when a validation asks first: a training step's
-    backward keeps the weights, which an inference tensor may not be.
-    """
-    with torch.inference_mode(False):
-        weights = torch.tensor(MS_SSIM_WEIGHTS[:scales], dtype=dtype, device=device)
-        return gaussian_window(window_size).to(dtype=dtype, device=device), weights / weights.sum()
 
 
 def _band(size: int, window: Tensor) -> Tensor:
@@ -71,7 +58,7 @@ def ms_ssim(x: Tensor, y: Tensor, scales: int = 5, window_size: int = 11, data_r
         )
     dtype = torch.promote_types(torch.promote_types(x.dtype, y.dtype), torch.float32)  # fp32 or fp64
     x, y = x.to(dtype), y.to(dtype)
-    window, weights = _constants(window_size, scales, x.dtype, x.device)
+    window = gaussian_window(window_size).to(x)
     channels = x.shape[1]
 
     def blur(*ts: Tensor) -> tuple[Tensor, ...]:
@@ -83,6 +70,8 @@ def ms_ssim(x: Tensor, y: Tensor, scales: int = 5, window_size: int = 11, data_r
         return blurred.split(channels, dim=1)
 
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    weights = torch.tensor(MS_SSIM_WEIGHTS[:scales], dtype=x.dtype, device=x.device)
+    weights = weights / weights.sum()
     terms = []
     for scale in range(scales):
         mu_x, mu_y, xx, yy, xy = blur(x, y, x * x, y * y, x * y)
@@ -122,3 +111,56 @@ def reconstruction_loss(
         return l1, l1, prediction.new_zeros(())
     similarity = ms_ssim(prediction, target, scales, window_size)
     return l1 + ssim_weight * (1.0 - similarity), l1, similarity
+
+
+class ReconstructionLoss(nn.Module):
+    """`reconstruction_loss` of a network's output against clean [0, 1] images, normalised by the dataset.
+
+    The target is ``(images - image_mean) / image_std``. Images too small for ``ssim_scales`` get as
+    many scales as fit (`fitting_scales`), with one warning per image size.
+
+    Args:
+        image_mean: Dataset mean colour in [0, 1] (3 values).
+        image_std: Dataset std (3 values).
+        ssim_weight: Weight of ``1 - MS-SSIM`` beside the L1 term (0 = L1 only).
+        ssim_scales: Most MS-SSIM scales.
+        ssim_window: Side of MS-SSIM's Gaussian window.
+    """
+
+    def __init__(
+        self,
+        image_mean: tuple[float, float, float],
+        image_std: tuple[float, float, float],
+        ssim_weight: float = 1.0,
+        ssim_scales: int = 5,
+        ssim_window: int = 11,
+    ) -> None:
+        super().__init__()
+        self.register_buffer("image_mean", torch.tensor(image_mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("image_std", torch.tensor(image_std).view(1, 3, 1, 1), persistent=False)
+        self.ssim_weight, self.ssim_scales, self.ssim_window = ssim_weight, ssim_scales, ssim_window
+        self._warned_sizes: set[tuple[int, int]] = set()
+
+    def forward(self, prediction: Tensor, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(loss, l1, ms_ssim)`` of ``prediction`` (B, 3, H, W) against the normalised ``images``."""
+        target = (images - self.image_mean) / self.image_std
+        scales = self.scales(*images.shape[-2:]) if self.ssim_weight else 0
+        return reconstruction_loss(prediction, target, self.ssim_weight, scales, self.ssim_window)
+
+    def restore(self, prediction: Tensor) -> Tensor:
+        """The network's output back as a [0, 1] image."""
+        return (prediction * self.image_std + self.image_mean).clamp(0.0, 1.0)
+
+    def scales(self, height: int, width: int) -> int:
+        """MS-SSIM scales for images of this size: ``ssim_scales``, or as many as fit (warned once per size)."""
+        scales = fitting_scales(height, width, self.ssim_window, self.ssim_scales)
+        if scales < self.ssim_scales and (height, width) not in self._warned_sizes:
+            self._warned_sizes.add((height, width))
+            warnings.warn(
+                f"model.ssim_scales={self.ssim_scales}: {height}x{width} images allow {scales} MS-SSIM scale(s) "
+                f"with a {self.ssim_window}-tap window; using {scales}",
+                stacklevel=3,
+            )
+        if scales == 0:
+            raise ValueError(f"{height}x{width} images are smaller than model.ssim_window={self.ssim_window}")
+        return scales

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
-from src.losses.reconstruction import MS_SSIM_WEIGHTS, fitting_scales, reconstruction_loss
+from src.losses.reconstruction import MS_SSIM_WEIGHTS, ReconstructionLoss
 from src.pl_modules.base import SemiSupervisedModule, check_fractions, check_non_negative
 from src.pl_modules.ops import coarse_cutout, warmup_cosine
 from src.pl_modules.timing import StepFloor
@@ -110,47 +110,24 @@ class Recon(SemiSupervisedModule):
         self.hparams.update(dataset)
         self.num_classes = dataset["num_classes"]
         self.class_names = list(dataset["class_names"] or map(str, range(self.num_classes)))
-        self.register_buffer("image_mean", torch.tensor(image_mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("image_std", torch.tensor(image_std).view(1, 3, 1, 1), persistent=False)
+        self.reconstruction_loss = ReconstructionLoss(image_mean, image_std, ssim_weight, ssim_scales, ssim_window)
         self.means = nn.ModuleDict(
             {stage: nn.ModuleDict({k: MeanMetric() for k in ("loss", "l1", "ms_ssim")}) for stage in ("val", "test")}
         )
         self.best_val_loss = math.inf
-        self._warned_sizes: set[tuple[int, int]] = set()
 
     # ------------------------------------------------------------------ pieces
     def corrupt(self, images: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         """Images with coarse cutout (B, 3, H, W) and the hole masks (B, 3, H, W) bool."""
         hp = self.hparams
         return coarse_cutout(
-            images, self.image_mean.flatten(), tuple(hp.hole_size), hp.hole_area_fraction,
+            images, self.reconstruction_loss.image_mean.flatten(), tuple(hp.hole_size), hp.hole_area_fraction,
             hp.channel_hole_probability, generator,
         )
 
     def reconstruct(self, images: Tensor) -> Tensor:
         """The network's clean image, back in [0, 1]."""
-        return (self.student(images) * self.image_std + self.image_mean).clamp(0.0, 1.0)
-
-    def reconstruction_loss(self, prediction: Tensor, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """``(loss, l1, ms_ssim)`` of the prediction against the normalised clean images."""
-        hp = self.hparams
-        target = (images - self.image_mean) / self.image_std
-        scales = self._ssim_scales(*images.shape[-2:]) if hp.ssim_weight else 0
-        return reconstruction_loss(prediction, target, hp.ssim_weight, scales, hp.ssim_window)
-
-    def _ssim_scales(self, height: int, width: int) -> int:
-        hp = self.hparams
-        scales = fitting_scales(height, width, hp.ssim_window, hp.ssim_scales)
-        if scales < hp.ssim_scales and (height, width) not in self._warned_sizes:
-            self._warned_sizes.add((height, width))
-            warnings.warn(
-                f"model.ssim_scales={hp.ssim_scales}: {height}x{width} images allow {scales} MS-SSIM scale(s) "
-                f"with a {hp.ssim_window}-tap window; using {scales}",
-                stacklevel=2,
-            )
-        if scales == 0:
-            raise ValueError(f"{height}x{width} images are smaller than model.ssim_window={hp.ssim_window}")
-        return scales
+        return self.reconstruction_loss.restore(self.student(images))
 
     # ------------------------------------------------------------------ training
     def on_fit_start(self) -> None:
@@ -191,8 +168,8 @@ class Recon(SemiSupervisedModule):
             self.means[stage][key].update(value, weight=images.shape[0])
         if stage == "val" and batch_idx == 0 and self._should_log_images():
             n = self.hparams.num_log_images
-            restored = (prediction[:n] * self.image_std + self.image_mean).clamp(0.0, 1.0)
-            self._val_preview = [(images[:n].cpu(), corrupted[:n].cpu(), restored.float().cpu())]
+            restored = self.reconstruction_loss.restore(prediction[:n]).float()
+            self._val_preview = [(images[:n].cpu(), corrupted[:n].cpu(), restored.cpu())]
 
     def end_evaluation(self, stage: str) -> None:
         """Log ``<stage>/loss``, ``/l1`` and ``/ms_ssim``; after a validation also the best loss and the grid."""

@@ -21,7 +21,8 @@ class TestRecon(MethodTester):
 def test_loss_is_zero_for_a_perfect_reconstruction_and_uses_the_normalised_target():
     module = Recon(**tiny_kwargs())
     images = torch.rand(2, 3, 32, 32)
-    target = (images - module.image_mean) / module.image_std
+    normalisation = module.reconstruction_loss
+    target = (images - normalisation.image_mean) / normalisation.image_std
     loss, l1, similarity = module.reconstruction_loss(target, images)
     assert loss.item() == pytest.approx(0.0, abs=1e-6) and similarity.item() == pytest.approx(1.0, abs=1e-6)
     loss, l1, similarity = module.reconstruction_loss(target + 0.1, images)
