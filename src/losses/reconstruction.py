@@ -5,6 +5,8 @@ Multi-scale SSIM (Wang et al., 2003) as pytorch_msssim computes it, in fp32, bat
 
 from __future__ import annotations
 
+import functools
+
 import warnings
 
 import torch
@@ -20,6 +22,19 @@ def gaussian_window(size: int, sigma: float = 1.5) -> Tensor:
     coords = torch.arange(size, dtype=torch.float32) - size // 2
     window = torch.exp(-(coords**2) / (2 * sigma**2))
     return window / window.sum()
+
+
+@functools.cache
+def _constants(window_size: int, scales: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+    """The Gaussian window and the normalised scale weights on ``device``, made once per device.
+
+    A copy from host memory to a GPU waits for the device, so it is not repeated at every step.
+    They are made outside inference mode even when a validation asks first: a training step's
+    backward keeps the weights, which an inference tensor may not be.
+    """
+    with torch.inference_mode(False):
+        weights = torch.tensor(MS_SSIM_WEIGHTS[:scales], dtype=dtype, device=device)
+        return gaussian_window(window_size).to(dtype=dtype, device=device), weights / weights.sum()
 
 
 def _band(size: int, window: Tensor) -> Tensor:
@@ -58,7 +73,7 @@ def ms_ssim(x: Tensor, y: Tensor, scales: int = 5, window_size: int = 11, data_r
         )
     dtype = torch.promote_types(torch.promote_types(x.dtype, y.dtype), torch.float32)  # fp32 or fp64
     x, y = x.to(dtype), y.to(dtype)
-    window = gaussian_window(window_size).to(x)
+    window, weights = _constants(window_size, scales, x.dtype, x.device)
     channels = x.shape[1]
 
     def blur(*ts: Tensor) -> tuple[Tensor, ...]:
@@ -70,8 +85,6 @@ def ms_ssim(x: Tensor, y: Tensor, scales: int = 5, window_size: int = 11, data_r
         return blurred.split(channels, dim=1)
 
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
-    weights = torch.tensor(MS_SSIM_WEIGHTS[:scales], dtype=x.dtype, device=x.device)
-    weights = weights / weights.sum()
     terms = []
     for scale in range(scales):
         mu_x, mu_y, xx, yy, xy = blur(x, y, x * x, y * y, x * y)
