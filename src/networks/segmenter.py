@@ -42,6 +42,8 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # The encoder_weights name of timm's default pretrained tag (for most models an ImageNet one).
 TIMM_DEFAULT_WEIGHTS = "imagenet"
+# Which encoder maps UniMatch's feature-perturbed stream drops (`Segmenter.forward_perturbed`).
+FP_LEVELS = ("reference", "all")
 
 
 def available_architectures() -> list[str]:
@@ -303,18 +305,33 @@ class Segmenter(nn.Module):
         logits = self.model.segmentation_head(features)
         return logits[..., :height, :width], features
 
-    def forward_perturbed(self, images: Tensor, dropout_p: float = 0.5) -> tuple[Tensor, Tensor]:
+    def forward_perturbed(
+        self, images: Tensor, dropout_p: float = 0.5, levels: str = "reference"
+    ) -> tuple[Tensor, Tensor]:
         """Logits (B, C, H, W) of a clean and a feature-perturbed stream from one encoder pass (UniMatch).
 
-        The encoder features the decoder reads (all but the input itself, which smp lists first)
-        are decoded twice, as one doubled batch: as they are, and through channel dropout
-        (``Dropout2d(dropout_p)``, on even in eval mode, like the reference's freshly built
-        module). The decoder's BatchNorm thus sees both streams (METHODS.md 8 step 3).
+        The encoder features are decoded twice, as one doubled batch: as they are, and with channel
+        dropout (``Dropout2d(dropout_p)``, on even in eval mode, like the reference's freshly built
+        module) on some of them. The decoder's BatchNorm thus sees both streams (METHODS.md 8 step 3).
+
+        Args:
+            levels: Which maps are dropped in the perturbed stream. ``"reference"``: the first map
+                at stride 4 or more (ResNet's layer1) and the deepest one, the reference's c1 and c4
+                (LiheYoung/UniMatch model/semseg/deeplabv3plus.py:45); for DeepLabV3+ these are all
+                that its decoder reads. ``"all"``: every map but the input itself (which smp lists first).
         """
+        if levels not in FP_LEVELS:
+            raise ValueError(f"fp levels {levels!r}: expected one of {FP_LEVELS}")
         x, height, width = self._prepare(images, perturbed=True)
         features = self.model.encoder(x)
-        doubled = [torch.cat([features[0], features[0]])] + [
-            torch.cat([f, F.dropout2d(f, dropout_p, training=True)]) for f in features[1:]
+        if levels == "all":
+            dropped = set(range(1, len(features)))
+        else:
+            shallow = next((i for i, f in enumerate(features) if 4 * f.shape[-1] <= x.shape[-1]), 0)
+            dropped = {shallow, len(features) - 1}
+        doubled = [
+            torch.cat([f, F.dropout2d(f, dropout_p, training=True) if i in dropped else f])
+            for i, f in enumerate(features)
         ]
         logits = self.model.segmentation_head(self.model.decoder(doubled))[..., :height, :width]
         clean, perturbed = logits.chunk(2)

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from src.networks.segmenter import FP_LEVELS
 from src.pl_modules.base import check_fractions
 from src.pl_modules.fixmatch import FixMatch
 from src.pl_modules.ops import thresholded_ce
@@ -25,11 +26,14 @@ class UniMatch(FixMatch):
     as one doubled batch (`Segmenter.forward_perturbed`); the perturbed weak logits learn the weak
     pseudo-labels. Dropout is on only in that stream. ``L = (L_sup + (1 - fp_weight) * mean(L_s1,
     L_s2) + fp_weight * L_fp) / 2``, i.e. 0.25 / 0.25 / 0.5 with the default ``fp_weight`` (step 6).
-    smp applies the dropout to every encoder feature map the decoder reads: for DeepLabV3+ the
-    stride-4 and deepest ones, as the reference (its c1 and c4).
+    The dropout hits the stride-4 map (ResNet's layer1) and the deepest one, the reference's c1 and
+    c4 (LiheYoung/UniMatch model/semseg/deeplabv3plus.py:45), whatever decoder reads the others;
+    ``fp_levels="all"`` drops every map a U-Net's skips read instead.
 
     Args:
         fp_dropout: Channel-dropout probability of the feature-perturbed stream.
+        fp_levels: Encoder maps the perturbed stream drops: ``"reference"`` or ``"all"``
+            (`Segmenter.forward_perturbed`).
         fp_weight: Share of the feature-perturbed term in the unlabeled loss; the two strong views
             share the rest equally.
         **kwargs: Options of `FixMatch` and `SemiSupervisedModule`.
@@ -40,14 +44,20 @@ class UniMatch(FixMatch):
     # [labeled; weak] (and its perturbed stream), then both strong views; the mixing view's labels.
     step_floor = StepFloor(passes=(2, 2), eval_forwards=1, variant="fp")
 
-    def __init__(self, fp_dropout: float = 0.5, fp_weight: float = 0.5, **kwargs: Any) -> None:
+    def __init__(
+        self, fp_dropout: float = 0.5, fp_weight: float = 0.5, fp_levels: str = "reference", **kwargs: Any
+    ) -> None:
         super().__init__(**kwargs)
         if not 0.0 <= fp_dropout < 1.0:
             raise ValueError(f"model.fp_dropout must be in [0, 1), got {fp_dropout}")
+        if fp_levels not in FP_LEVELS:
+            raise ValueError(f"model.fp_levels must be one of {FP_LEVELS}, got {fp_levels!r}")
         check_fractions(fp_weight=fp_weight)
 
     def forward_labeled_and_weak(self, images_l: Tensor, images_w: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
-        clean, perturbed = self.student.forward_perturbed(torch.cat([images_l, images_w]), self.hparams.fp_dropout)
+        clean, perturbed = self.student.forward_perturbed(
+            torch.cat([images_l, images_w]), self.hparams.fp_dropout, self.hparams.fp_levels
+        )
         logits_l, logits_w = clean.split([len(images_l), len(images_w)])
         return logits_l, logits_w, perturbed[len(images_l):]
 

@@ -165,3 +165,21 @@ def test_bad_weight_name_lists_the_valid_ones(weights_cache, encoder_name, weigh
 def test_representation_head_shape():
     head = RepresentationHead(32, output_dim=8, hidden_channels=16)
     assert head(torch.rand(2, 32, 5, 7)).shape == (2, 8, 5, 7)
+
+
+@pytest.mark.parametrize(("arch", "levels"), [("Unet", "reference"), ("Unet", "all"), ("DeepLabV3Plus", "reference")])
+def test_feature_perturbation_drops_the_reference_levels(arch, levels):
+    """'reference' drops the stride-4 map and the deepest (UniMatch's c1 and c4); 'all' every map but the input."""
+    options = {"decoder_channels": (16, 16, 16, 16, 16)} if arch == "Unet" else {}
+    net = Segmenter(3, arch=arch, encoder_name="tu-test_resnet", model_options=options).train()
+    seen = []
+    net.model.decoder.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    torch.manual_seed(0)
+    net.forward_perturbed(torch.rand(2, 3, 64, 64), 0.5, levels)
+    (features,) = seen
+    changed = [i for i, f in enumerate(features) if not torch.equal(*f.chunk(2))]
+    strides = [64 // f.shape[-1] for f in features]
+    expected = [i for i, s in enumerate(strides) if s > 1] if levels == "all" else [strides.index(4), len(features) - 1]
+    assert changed == expected
+    with pytest.raises(ValueError, match="fp levels 'some'"):
+        net.forward_perturbed(torch.rand(2, 3, 64, 64), 0.5, "some")
