@@ -17,6 +17,7 @@ setup(
         "tensorboard>=2.14",
         "jsonargparse[signatures]>=4.32",
         "matplotlib>=3.7",
+        "scipy>=1.10",  # the class-relation figure's clustering; albumentations needs it too
         "pillow>=10",
         "numpy>=1.24",
     ],

@@ -33,7 +33,7 @@ from src.networks import RepresentationHead, Segmenter
 from src.pl_modules.diagnostics import pseudo_label_counts, training_state_kept
 from src.pl_modules.ops import ema_decay, ema_update
 from src.pl_modules.timing import PhaseRecorder, StepFloor
-from src.pl_modules.visualize import prediction_grid
+from src.pl_modules.visualize import prediction_grid, prototype_similarity, prototype_sums, relation_figure
 from src.utils import scalar_metrics
 
 TEACHER_BN_MODES = ("train", "eval")
@@ -117,7 +117,9 @@ class SemiSupervisedModule(pl.LightningModule, ABC):
         eval_window: Sliding-window size (the CLI links it to the training crop size).
         log_images_every_n_val: Log an image | ground truth | prediction grid every N validations (0 = never),
             and for methods with an unlabeled loss an image | pseudo-label | confidence mask | ground truth
-            grid of the diagnostic images (``diag/pseudo_labels``).
+            grid of the diagnostic images (``diag/pseudo_labels``); for methods with a representation head, the
+            cosine similarity of its class prototypes on the validation set (``val/class_relations``,
+            `src.pl_modules.visualize.relation_figure`).
         num_log_images: Rows in that grid.
         representation_dim: Output dimension of the representation head (methods that use one).
         scale_range: Random rescale range of batch-level augmentation of unlabeled images (the CLI links
@@ -233,6 +235,7 @@ class SemiSupervisedModule(pl.LightningModule, ABC):
         # Scalar metrics restored from a checkpoint (those logged when it was saved).
         self.checkpoint_metrics: dict[str, float] = {}
         self._val_preview: list[tuple[Tensor, ...]] = []  # rows of the next validation's image grid
+        self._val_prototypes: tuple[Tensor, Tensor] | None = None  # its class-relation figure's (sums, counts)
         self.scale_range = (float(scale_range[0]), float(scale_range[1]))
 
     # ------------------------------------------------------------------ networks
@@ -449,6 +452,14 @@ class SemiSupervisedModule(pl.LightningModule, ABC):
             if role == reported and batch_idx == 0 and self._should_log_images():
                 n = self.hparams.num_log_images
                 self._val_preview = [(images[:n].cpu(), masks[:n].cpu(), predictions[:n].cpu())]
+        if self.uses_representation and self._should_log_images():
+            # The head embeds the student's features; one more student pass, at image-grid validations only.
+            sums, counts = prototype_sums(
+                self.student, self.rep_head, images, masks, self.num_classes, self.ignore_index
+            )
+            if self._val_prototypes is not None:
+                sums, counts = sums + self._val_prototypes[0], counts + self._val_prototypes[1]
+            self._val_prototypes = (sums, counts)
 
     def end_evaluation(self, stage: str) -> None:
         """Log the scores of ``stage`` at the end of its loop and reset them.
@@ -496,6 +507,13 @@ class SemiSupervisedModule(pl.LightningModule, ABC):
                 rows.append((example[0].cpu(), example[1].cpu(), example[2].argmax(dim=1).cpu()))
             self._log_grid("val/predictions", rows)
             self._val_preview = []
+        if self._val_prototypes is not None:
+            sums, counts = (self.trainer.strategy.reduce(t, reduce_op="sum") for t in self._val_prototypes)
+            self._val_prototypes = None
+            if self.trainer.is_global_zero:
+                similarity = prototype_similarity(sums, counts)
+                figure = relation_figure(similarity, self.class_names, f"step {self.global_step}")
+                self.logger.experiment.add_figure("val/class_relations", figure, self.global_step)
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         return self.predict_logits(self.eval_network(), batch["image"]).argmax(dim=1)
