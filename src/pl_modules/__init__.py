@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from src.pl_modules.base import SemiSupervisedModule
 from src.pl_modules.c3semiseg import C3SemiSeg
+from src.pl_modules.cps import CPS
 from src.pl_modules.fixmatch import FixMatch
 from src.pl_modules.mean_teacher import ClassMix, CutMix, CutOut, MeanTeacher
 from src.pl_modules.reco import ReCo
@@ -22,6 +23,7 @@ METHOD_CLASSES: tuple[type[SemiSupervisedModule], ...] = (
     UniMatch,
     Recon,
     C3SemiSeg,
+    CPS,
 )
 
 
@@ -47,6 +49,7 @@ def get_method(name: str) -> type[SemiSupervisedModule]:
 __all__ = [
     "METHODS",
     "C3SemiSeg",
+    "CPS",
     "ClassMix",
     "CutMix",
     "CutOut",
