@@ -6,7 +6,8 @@ IoU at the last and the best validation, whole-image or sliding-window), TensorB
 logging and the best-score bookkeeping. A method subclasses it and implements
 `compute_losses(batch) -> {"loss": ..., other logged entries}`; hooks let it change what the
 base does otherwise: `update_teacher` (the teacher's schedule), `lr_factor` (the LR schedule),
-`evaluate_batch` and `end_evaluation` (what validation and test score). For step timings a
+`eval_scores` with `score_batch` (scalar scores instead of the mIoU, e.g. a pretraining
+method's loss) and `output_channels` (what the networks predict). For step timings a
 method marks its phases (`phase`) and declares its floor (``step_floor``, `src.pl_modules.timing`).
 """
 
@@ -26,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from pytorch_lightning.cli import OptimizerCallable
 from torch import Tensor, nn
+from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassConfusionMatrix
 
 from src.datasets.base import IGNORE_INDEX
@@ -147,9 +149,18 @@ class SemiSupervisedModule(pl.LightningModule, ABC):
     uses_representation = False
     # The teacher follows the student after each optimizer step (ReCo), or before it (C3-SemiSeg).
     teacher_update_before_step = False
-    # Validation and test score the mIoU; a method that scores something else (pretraining) sets
-    # False and replaces `evaluate_batch` and `end_evaluation`.
-    evaluates_miou = True
+    # What validation and test score: the mIoU (empty), or the batch-size-weighted means of the
+    # scalar scores `score_batch` returns, by these names (a pretraining method has no classes to
+    # score). Lower is better for the first: it is the one to monitor (``val/<first>``, e.g.
+    # ``checkpoint: {monitor: val/loss, mode: min}``), its best is ``val/<first>_best`` and the
+    # checkpoint's ``best_val_<first>``. `score_batch` also returns RGB image rows (B, 3, H, W),
+    # shown one row each in the ``preview_tag`` grid.
+    eval_scores: tuple[str, ...] = ()
+    # The TensorBoard tag of the validation image grid.
+    preview_tag = "val/predictions"
+    # Channels the networks predict; None: ``num_classes`` (a method that predicts something else,
+    # e.g. RGB images, sets it; ``num_classes`` and ``class_names`` then only record the dataset's).
+    output_channels: int | None = None
     # The floor that step timings (benchmarks/bench_step.py) measure the training step against; None: none.
     step_floor: StepFloor | None = None
     # init_args that put the method in its steady state from its first step, for timings of a few
@@ -162,6 +173,8 @@ class SemiSupervisedModule(pl.LightningModule, ABC):
         super().__init_subclass__(**kwargs)
         if cls.uses_unlabeled and not callable(getattr(cls, "pseudo_labels", None)):
             raise TypeError(f"{cls.__name__} sets uses_unlabeled but defines no pseudo_labels(images) rule")
+        if cls.eval_scores and cls.score_batch is SemiSupervisedModule.score_batch:
+            raise TypeError(f"{cls.__name__} sets eval_scores but defines no score_batch(images, batch_idx)")
 
     def __init__(
         self,
@@ -202,7 +215,8 @@ class SemiSupervisedModule(pl.LightningModule, ABC):
         self.ignore_index = ignore_index
         self.class_names = list(class_names) if class_names else [str(c) for c in range(num_classes)]
 
-        self.student = Segmenter(num_classes, arch, encoder_name, encoder_weights, model_options)
+        self.student = Segmenter(self.output_channels or num_classes, arch, encoder_name, encoder_weights,
+                                 model_options)
         self.rep_head = (
             RepresentationHead(self.student.feature_channels, representation_dim) if self.uses_representation else None
         )
@@ -221,13 +235,18 @@ class SemiSupervisedModule(pl.LightningModule, ABC):
                 if network is not None:
                     network.compile_parts()
 
-        if self.evaluates_miou:
+        if self.eval_scores:
+            self.score_means = nn.ModuleDict(
+                {stage: nn.ModuleDict({k: MeanMetric() for k in self.eval_scores}) for stage in ("val", "test")}
+            )
+        else:
             roles = ["student"] + (["teacher"] if self.teacher is not None else [])
             self.val_confusions = nn.ModuleDict(
                 {role: MulticlassConfusionMatrix(num_classes, ignore_index=ignore_index) for role in roles}
             )
             self.test_confusion = MulticlassConfusionMatrix(num_classes, ignore_index=ignore_index)
         self.best_miou = float("nan")
+        self.best_score = math.inf  # of the first of ``eval_scores``
         self.best_step = -1
         self._num_validations = 0
         # (step, mIoU) of every validation of the fit, oldest first; checkpoints carry it.
@@ -437,9 +456,16 @@ class SemiSupervisedModule(pl.LightningModule, ABC):
         """Add an evaluation batch of ``stage`` (``val`` or ``test``) to its scores.
 
         Here the mIoU's confusion matrices: of every network at validation, of the reported one at
-        test; nothing with ``evaluates_miou = False``.
+        test; with ``eval_scores``, the means of `score_batch`'s scores.
         """
-        if not self.evaluates_miou:
+        if self.eval_scores:
+            images = batch["image"]
+            scores, rows = self.score_batch(images, batch_idx)
+            for key, mean in self.score_means[stage].items():
+                mean.update(scores[key], weight=images.shape[0])
+            if stage == "val" and batch_idx == 0 and self._should_log_images():
+                n = self.hparams.num_log_images
+                self._val_preview = [tuple(row[:n].float().cpu() for row in rows)]
             return
         images, masks = batch["image"], batch["mask"]
         if stage == "test":
@@ -465,10 +491,11 @@ class SemiSupervisedModule(pl.LightningModule, ABC):
         """Log the scores of ``stage`` at the end of its loop and reset them.
 
         Here mIoU, pixel accuracy and per-class IoU, and after a validation (not the sanity check)
-        its entry in ``val_history``, the best mIoU and the image grid; nothing with
-        ``evaluates_miou = False``.
+        its entry in ``val_history``, the best mIoU and the image grid; with ``eval_scores``,
+        `end_scores`.
         """
-        if not self.evaluates_miou:
+        if self.eval_scores:
+            self.end_scores(stage)
             return
         if stage == "test":
             iou, accuracy = iou_from_confusion(self.test_confusion.compute())
@@ -505,7 +532,7 @@ class SemiSupervisedModule(pl.LightningModule, ABC):
             example = getattr(self, "_train_example", None)
             if example is not None:  # unlabeled image | pseudo-label | student prediction
                 rows.append((example[0].cpu(), example[1].cpu(), example[2].argmax(dim=1).cpu()))
-            self._log_grid("val/predictions", rows)
+            self._log_grid(self.preview_tag, rows)
             self._val_preview = []
         if self._val_prototypes is not None:
             sums, counts = (self.trainer.strategy.reduce(t, reduce_op="sum") for t in self._val_prototypes)
@@ -514,6 +541,38 @@ class SemiSupervisedModule(pl.LightningModule, ABC):
                 similarity = prototype_similarity(sums, counts)
                 figure = relation_figure(similarity, self.class_names, f"step {self.global_step}")
                 self.logger.experiment.add_figure("val/class_relations", figure, self.global_step)
+
+    def score_batch(self, images: Tensor, batch_idx: int) -> tuple[dict[str, Tensor], tuple[Tensor, ...]]:
+        """With ``eval_scores``: each score's mean over the batch, and RGB image rows (B, 3, H, W) for the grid."""
+        raise NotImplementedError
+
+    def end_scores(self, stage: str) -> None:
+        """Log the means of ``eval_scores`` as ``<stage>/<name>`` and reset them.
+
+        After a validation (not the sanity check) also the best of the first score so far
+        (``val/<first>_best``, at ``best_step``) and the image grid: one row per image tensor.
+        """
+        scores = {key: mean.compute() for key, mean in self.score_means[stage].items()}
+        for mean in self.score_means[stage].values():
+            mean.reset()
+        if stage == "test":
+            self.log_dict({f"test/{key}": value for key, value in scores.items()})
+            return
+        if self.trainer.sanity_checking:
+            return
+        self._num_validations += 1
+        monitored, *others = self.eval_scores
+        if float(scores[monitored]) < self.best_score:
+            self.best_score, self.best_step = float(scores[monitored]), int(self.global_step)
+        self.log(f"val/{monitored}", scores[monitored], prog_bar=True)
+        self.log_dict({**{f"val/{key}": scores[key] for key in others}, f"val/{monitored}_best": self.best_score})
+        if self._val_preview:
+            from torchvision.utils import make_grid
+
+            rows = self._val_preview[0]
+            grid = make_grid(torch.cat(rows), nrow=len(rows[0]), padding=2, pad_value=1.0)
+            self.logger.experiment.add_image(self.preview_tag, grid, self.global_step)
+            self._val_preview = []
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         return self.predict_logits(self.eval_network(), batch["image"]).argmax(dim=1)
@@ -547,6 +606,8 @@ class SemiSupervisedModule(pl.LightningModule, ABC):
         checkpoint["method"] = self.name
         checkpoint["best_miou"] = self.best_miou
         checkpoint["best_step"] = self.best_step
+        if self.eval_scores:
+            checkpoint[f"best_val_{self.eval_scores[0]}"] = self.best_score
         checkpoint["num_validations"] = self._num_validations
         checkpoint["val_history"] = [list(entry) for entry in self.val_history]
         last_iou = getattr(self, "last_val_iou", None)
@@ -557,6 +618,8 @@ class SemiSupervisedModule(pl.LightningModule, ABC):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.best_miou = checkpoint.get("best_miou", float("nan"))
         self.best_step = checkpoint.get("best_step", -1)
+        if self.eval_scores:
+            self.best_score = checkpoint.get(f"best_val_{self.eval_scores[0]}", math.inf)
         self._num_validations = checkpoint.get("num_validations", 0)
         self.val_history = [(int(step), float(miou)) for step, miou in checkpoint.get("val_history", [])]
         if checkpoint.get("last_val_iou") is not None:

@@ -11,13 +11,11 @@ in ``benchmarks/run.py``).
 
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Any
 
 import torch
-from torch import Tensor, nn
-from torchmetrics import MeanMetric
+from torch import Tensor
 
 from src.losses.reconstruction import MS_SSIM_WEIGHTS, ReconstructionLoss
 from src.pl_modules.base import SemiSupervisedModule, check_fractions, check_non_negative
@@ -33,19 +31,15 @@ LR_SCHEDULES = ("warmup_cosine", "poly")
 class Recon(SemiSupervisedModule):
     """Pretraining of a segmentation network as a denoiser of images with coarse cutout.
 
-    Trains on the labeled stream with its labels unused: ``data.num_labeled: 0`` (the YAML's
-    value) makes that stream every train image with a label, the whole train pool of the
-    built-in datasets. Validation and test corrupt their images with fixed holes (seeded by
-    batch index) and log ``val/loss`` (the checkpoint monitor of configs/recon.yaml, mode min:
-    the reference keeps the lowest validation loss), ``val/l1`` and ``val/ms_ssim``; there is no
-    mIoU. The network predicts RGB (3 channels); ``num_classes`` and ``class_names`` only record
-    the dataset's.
+    Trains on the labeled stream with its labels unused: ``data.num_labeled: 0`` (the YAML's value)
+    makes it every train image with a label. Validation and test score reconstructions of images with
+    fixed holes (`score_batch`), no mIoU; ``val/loss`` is the checkpoint monitor of configs/recon.yaml,
+    mode min: the reference keeps the lowest validation loss.
 
     Args:
         hole_size: Least and largest hole side in pixels (both inclusive).
-        hole_area_fraction: Summed hole area (overlaps counted again) at which holes stop, as a
-            fraction of H*W (whole-pixel holes) or 3*H*W (per-channel holes). The covered fraction
-            is lower (about 40 % at 0.5).
+        hole_area_fraction: Summed hole area (overlaps counted again) at which holes stop, as a fraction
+            of H*W (whole-pixel holes) or 3*H*W (per-channel ones); less is covered (about 40 % at 0.5).
         channel_hole_probability: Chance that an image gets per-channel holes instead of whole-pixel ones.
         image_mean: Dataset mean colour in [0, 1]: the hole fill, and the target's normalisation.
         image_std: Dataset std: the target is ``(image - image_mean) / image_std``. The defaults are the
@@ -64,10 +58,11 @@ class Recon(SemiSupervisedModule):
     """
 
     name = "recon"
-    evaluates_miou = False
+    eval_scores = ("loss", "l1", "ms_ssim")  # logged as val/loss, val/l1, val/ms_ssim (and test/...)
+    preview_tag = "val/reconstructions"  # clean | corrupted | reconstruction, one row each
+    output_channels = 3  # RGB; num_classes and class_names only record the dataset's
     step_floor = StepFloor()  # one pass of its images
-    # Read by benchmarks/run.py: trained once per seed, then initialises another method ("recon+<method>").
-    pretraining_only = True
+    pretraining_only = True  # benchmarks/run.py trains it once per seed to initialise "recon+<method>"
 
     def __init__(
         self,
@@ -99,24 +94,11 @@ class Recon(SemiSupervisedModule):
         if lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"model.lr_schedule={lr_schedule!r}; expected one of {LR_SCHEDULES}")
         if not 0.0 <= warmup_fraction < 1.0 or not 0.0 < final_lr_ratio <= 1.0:
-            raise ValueError(
-                "model.warmup_fraction must be in [0, 1) and final_lr_ratio in (0, 1]; "
-                f"got {warmup_fraction}, {final_lr_ratio}"
-            )
-        # The network predicts RGB; num_classes and class_names keep recording the dataset's (linked by the CLI).
-        dataset = {"num_classes": kwargs.get("num_classes", 3), "class_names": kwargs.get("class_names")}
-        kwargs.update(num_classes=3, class_names=None)
+            raise ValueError("model.warmup_fraction must be in [0, 1) and final_lr_ratio in (0, 1]; "
+                             f"got {warmup_fraction}, {final_lr_ratio}")
         super().__init__(arch=arch, encoder_name=encoder_name, **kwargs)
-        self.hparams.update(dataset)
-        self.num_classes = dataset["num_classes"]
-        self.class_names = list(dataset["class_names"] or map(str, range(self.num_classes)))
         self.reconstruction_loss = ReconstructionLoss(image_mean, image_std, ssim_weight, ssim_scales, ssim_window)
-        self.means = nn.ModuleDict(
-            {stage: nn.ModuleDict({k: MeanMetric() for k in ("loss", "l1", "ms_ssim")}) for stage in ("val", "test")}
-        )
-        self.best_val_loss = math.inf
 
-    # ------------------------------------------------------------------ pieces
     def corrupt(self, images: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         """Images with coarse cutout (B, 3, H, W) and the hole masks (B, 3, H, W) bool."""
         hp = self.hparams
@@ -125,11 +107,6 @@ class Recon(SemiSupervisedModule):
             hp.channel_hole_probability, generator,
         )
 
-    def reconstruct(self, images: Tensor) -> Tensor:
-        """The network's clean image, back in [0, 1]."""
-        return self.reconstruction_loss.restore(self.student(images))
-
-    # ------------------------------------------------------------------ training
     def on_fit_start(self) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
         labeled, pool = getattr(datamodule, "labeled_indices", None), getattr(datamodule, "train_set", None)
@@ -153,54 +130,20 @@ class Recon(SemiSupervisedModule):
             return super().lr_factor(step, total_steps)
         return warmup_cosine(step, total_steps, round(hp.warmup_fraction * total_steps), hp.final_lr_ratio)
 
-    # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
-    def evaluate_batch(self, stage: str, batch: dict[str, Tensor], batch_idx: int) -> None:
-        """Reconstruction scores of ``stage`` (``val`` or ``test``), with holes seeded by the batch index.
-
-        The same holes at every evaluation, so that scores of different steps compare. NOTE: padding
-        of a mixed-size batch (black) is reconstructed too.
-        """
-        images = batch["image"]
+    def score_batch(self, images: Tensor, batch_idx: int) -> tuple[dict[str, Tensor], tuple[Tensor, ...]]:
+        """``eval_scores`` with holes seeded by the batch index (the same at every evaluation, so that scores
+        compare), and the clean, corrupted and restored images. NOTE: a mixed-size batch's black padding counts too."""
         corrupted, _ = self.corrupt(images, torch.Generator().manual_seed(batch_idx))
         prediction = self.student(corrupted)
-        for key, value in zip(("loss", "l1", "ms_ssim"), self.reconstruction_loss(prediction, images)):
-            self.means[stage][key].update(value, weight=images.shape[0])
-        if stage == "val" and batch_idx == 0 and self._should_log_images():
-            n = self.hparams.num_log_images
-            restored = self.reconstruction_loss.restore(prediction[:n]).float()
-            self._val_preview = [(images[:n].cpu(), corrupted[:n].cpu(), restored.cpu())]
+        scores = dict(zip(self.eval_scores, self.reconstruction_loss(prediction, images)))
+        return scores, (images, corrupted, self.reconstruction_loss.restore(prediction))
 
-    def end_evaluation(self, stage: str) -> None:
-        """Log ``<stage>/loss``, ``/l1`` and ``/ms_ssim``; after a validation also the best loss and the grid."""
-        scores = {key: mean.compute() for key, mean in self.means[stage].items()}
-        for mean in self.means[stage].values():
-            mean.reset()
-        if stage == "test":
-            self.log_dict({f"test/{key}": value for key, value in scores.items()})
-            return
-        if self.trainer.sanity_checking:
-            return
-        self._num_validations += 1
-        if float(scores["loss"]) < self.best_val_loss:
-            self.best_val_loss, self.best_step = float(scores["loss"]), int(self.global_step)
-        self.log("val/loss", scores["loss"], prog_bar=True)
-        self.log_dict({"val/l1": scores["l1"], "val/ms_ssim": scores["ms_ssim"], "val/loss_best": self.best_val_loss})
-        if self._val_preview:
-            from torchvision.utils import make_grid
-
-            rows = self._val_preview[0]  # clean | corrupted | reconstruction, one row each
-            grid = make_grid(torch.cat(rows), nrow=len(rows[0]), padding=2, pad_value=1.0)
-            self.logger.experiment.add_image("val/reconstructions", grid, self.global_step)
-            self._val_preview = []
+    @property
+    def best_val_loss(self) -> float:
+        """The lowest ``val/loss`` so far (the checkpoint's ``best_val_loss``)."""
+        return self.best_score
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        return self.reconstruct(batch["image"])
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_save_checkpoint(checkpoint)
-        checkpoint["best_val_loss"] = self.best_val_loss
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_load_checkpoint(checkpoint)
-        self.best_val_loss = checkpoint.get("best_val_loss", math.inf)
+        """The network's clean image, back in [0, 1]."""
+        return self.reconstruction_loss.restore(self.student(batch["image"]))

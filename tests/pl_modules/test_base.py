@@ -126,3 +126,49 @@ def test_a_method_with_an_unlabeled_loss_must_define_its_pseudo_label_rule():
         type("NoRule", (SemiSupervisedModule,), {"uses_unlabeled": True})
     supervised = type("SupervisedOnly", (SemiSupervisedModule,), {})  # no rule needed, and none inherited
     assert not hasattr(supervised, "pseudo_labels")
+
+
+class MeanScored(SemiSupervisedModule):
+    """A method scored by scalars: the mean absolute output and the mean output, no mIoU."""
+
+    eval_scores = ("error", "mean")
+    output_channels = 2
+
+    def compute_losses(self, batch):
+        return {"loss": self.student(batch["labeled"]["image"]).mean()}
+
+    def score_batch(self, images, batch_idx):
+        outputs = self.student(images)
+        return {"error": outputs.abs().mean(), "mean": outputs.mean()}, (images,)
+
+
+def test_a_method_with_eval_scores_must_define_score_batch():
+    with pytest.raises(TypeError, match="NoScores sets eval_scores but defines no score_batch"):
+        type("NoScores", (SemiSupervisedModule,), {"eval_scores": ("loss",)})
+
+
+def test_a_method_with_eval_scores_averages_them_instead_of_the_miou_and_keeps_its_best():
+    from tests.pl_modules.method_tester import tiny_kwargs
+
+    torch.manual_seed(0)
+    module = MeanScored(**{**tiny_kwargs(), "num_classes": 5}).eval()
+    assert module.num_classes == 5 and module.student(torch.rand(1, 3, 32, 32)).shape[1] == 2
+    assert not hasattr(module, "val_confusions") and not hasattr(module, "test_confusion")
+    batches = [torch.rand(3, 3, 32, 32), torch.rand(1, 3, 32, 32)]
+    for index, images in enumerate(batches):
+        module.evaluate_batch("test", {"image": images}, index)
+    with torch.no_grad():
+        errors = [module.student(images).abs().mean() for images in batches]
+    expected = (3 * errors[0] + errors[1]) / 4  # weighted by batch size
+    assert module.score_means["test"]["error"].compute().item() == pytest.approx(expected.item(), rel=1e-5)
+
+    module.trainer = type("T", (), {"callback_metrics": {}})()
+    module.best_score = 0.25
+    checkpoint = {}
+    module.on_save_checkpoint(checkpoint)
+    assert checkpoint["best_val_error"] == 0.25 and math.isnan(checkpoint["best_miou"])
+    fresh = MeanScored(**tiny_kwargs())
+    assert fresh.best_score == math.inf
+    fresh.on_load_checkpoint(checkpoint)
+    assert fresh.best_score == 0.25
+

@@ -108,4 +108,4 @@ def test_evaluation_is_the_reconstruction_scores_not_the_miou():
     with torch.no_grad():
         expected = module.reconstruction_loss(module.student(corrupted), images)
     for key, value in zip(("loss", "l1", "ms_ssim"), expected):
-        assert module.means["test"][key].compute().item() == pytest.approx(value.item(), rel=1e-5)
+        assert module.score_means["test"][key].compute().item() == pytest.approx(value.item(), rel=1e-5)
