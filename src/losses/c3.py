@@ -8,7 +8,28 @@ Pure tensor functions, usable without Lightning, with no Python loop over images
   pixel contrastive loss (step 6): per (image, class), ``num_views`` anchor pixels, half of them
   mispredicted ("hard"), contrasted across the whole labeled + unlabeled batch;
   `contrastive_from_logits` takes full-size labels and logits to the embedding grid first.
-The ramp-up of both losses is `src.pl_modules.ops.sigmoid_rampup`.
+The ramp-up of both losses is `src.pl_modules.ops.sigmoid_rampup_from`.
+
+How `src.pl_modules.c3semiseg.C3SemiSeg` follows the reference (github.com/Amandaynzhou/C3-SemiSeg):
+- Where METHODS.md 6 and 10 leave room (the README and the released ``scripts/train_ssl.sh``
+  disagree), defaults follow the script (train_ssl.sh:21-46), the only configuration that runs the
+  contrastive path: EMA teacher, cross-set CutMix, contrastive weight 0.1, V = 20, T = 0.15.
+- Steps are optimizer steps of the reference run: 250 per epoch, 25,000 in all; the reference counts
+  ``world_size`` units per iteration (trainer/Ctrainer.py:484-490). So the unlabeled phase starts at
+  epoch 10 (step 2,250), the consistency ramp-up is 16,000 units (4,000 steps), the contrastive one
+  1,000 units (250 steps). configs/c3semiseg.yaml scales them to its shorter run.
+- The consistency loss keeps the reference's extra 1/C (``consistency_class_mean``), so that its
+  weight of 50 means what it means there. Class 0 is an anchor class unless ``exclude_class_zero``:
+  the reference's ``x > 0`` filter (road is never an anchor) is treated as a bug by default.
+- Thresholds move at momentum 0.9 from 0.9 (Ctrainer.py:336, 583), on the teacher outputs of every
+  rank (Ctrainer.py:335); ranks past the end (``end_percent = 1``) are clamped, and padding pixels of
+  the weak view neither count nor pass.
+- The teacher is a hard copy at the unlabeled phase's first step, then an EMA, for the network and
+  the projection head alike (Ctrainer.py:633-647).
+- The head reads the decoder's features average-pooled to ``embedding_stride`` input pixels per cell
+  (the reference: layer4 of DeepLabV2, stride 8; 4 suits small crops).
+- Labeled crops follow ``data.photometric`` (the reference: no colour augmentation). Not reproduced:
+  frozen BN, DeepLabV2, Adam with a 10x smaller backbone lr (suite-wide choices).
 """
 
 from __future__ import annotations

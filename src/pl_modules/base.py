@@ -305,6 +305,13 @@ class SemiSupervisedModule(pl.LightningModule, ABC):
             confidences, pseudo_labels = probs.max(dim=1)
         return probs, confidences, pseudo_labels
 
+    def gather_ranks(self, *tensors: Tensor) -> tuple[Tensor, ...]:
+        """``tensors`` of every rank under DDP (`all_gather`: a new first dimension of size world_size), for
+        statistics that must see the whole batch; as they are in a single process."""
+        if self._trainer is None or self.trainer.world_size == 1:
+            return tensors
+        return tuple(self.all_gather(t) for t in tensors)
+
     def phase(self, name: str) -> contextlib.AbstractContextManager[None]:
         """A context that times what it encloses as phase ``name`` of the training step.
 

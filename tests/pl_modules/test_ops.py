@@ -62,6 +62,17 @@ def test_ema_update_params_only():
         torch.testing.assert_close(t, s, rtol=0, atol=1e-7)
 
 
+def test_ema_update_can_copy_the_buffers():
+    student = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    teacher = copy.deepcopy(student)
+    with torch.no_grad():
+        student[1].running_mean.add_(5.0)
+        student[1].num_batches_tracked.add_(7)
+    ops.ema_update(teacher, student, 0.5, copy_buffers=True)
+    for t, s in zip(teacher.buffers(), student.buffers()):
+        assert torch.equal(t, s)
+
+
 def test_ema_update_rejects_different_modules():
     with pytest.raises(ValueError, match="parameter names"):
         ops.ema_update(nn.Linear(2, 2), nn.Sequential(nn.Linear(2, 2)), 0.5)
@@ -74,6 +85,14 @@ def test_sigmoid_rampup():
     assert ops.sigmoid_rampup(50, 10) == 1.0
     assert ops.sigmoid_rampup(-3, 10) == pytest.approx(math.exp(-5))
     assert ops.sigmoid_rampup(0, 0) == 1.0
+
+
+def test_sigmoid_rampup_from_a_start_step():
+    assert ops.sigmoid_rampup_from(4, 5, 10) == 0.0  # before its start
+    assert ops.sigmoid_rampup_from(5, 5, 10) == pytest.approx(math.exp(-5))
+    assert ops.sigmoid_rampup_from(10, 5, 10) == pytest.approx(math.exp(-1.25))
+    assert ops.sigmoid_rampup_from(15, 5, 10) == 1.0
+    assert ops.sigmoid_rampup_from(5, 5, 0) == 1.0
 
 
 def test_warmup_then_cosine():
