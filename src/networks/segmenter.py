@@ -6,7 +6,13 @@ needs around an smp model:
 - padding of any input size to a multiple of the encoder's output stride (reflect),
   logits cropped back, so evaluation runs on full images of any size;
 - `forward_features`, which also returns the decoder features (the input of smp's
-  segmentation head) for a representation head such as ReCo's.
+  segmentation head) for a representation head such as ReCo's;
+- feature perturbations between encoder and decoder: `forward_perturbed` (UniMatch) and
+  `forward_channel_scaled` (UniMatch V2's Complementary Dropout).
+
+ViT encoders (timm's, e.g. DINOv2's ``tu-vit_small_patch14_dinov2``) go with smp's ``DPT``. Their
+position embeddings are interpolated to any input (``dynamic_img_size``), and a patch that is no
+power of two (DINOv2's 14) gets UniMatch V2's reassembly (`_fit_dpt_decoder`).
 
 ``encoder_weights`` is None (random init), the path of a local file holding an encoder (or
 whole-model) state dict, or a weight name that smp (``imagenet``, ``ssl``, ...) or timm (a
@@ -18,20 +24,23 @@ cached already; a missing file fails with one line naming it and its folder.
 
 from __future__ import annotations
 
+import inspect
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 import segmentation_models_pytorch as smp
+import segmentation_models_pytorch.base.initialization as smp_init
 import timm
 import torch
 import torch.nn.functional as F
 from huggingface_hub import constants as hf_constants
 from huggingface_hub.errors import EntryNotFoundError
 from huggingface_hub.file_download import REGEX_COMMIT_HASH, repo_folder_name
+from segmentation_models_pytorch.decoders.dpt.decoder import DPTDecoder
 from timm.models._builder import _resolve_pretrained_source
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
@@ -44,6 +53,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 TIMM_DEFAULT_WEIGHTS = "imagenet"
 # Which encoder maps UniMatch's feature-perturbed stream drops (`Segmenter.forward_perturbed`).
 FP_LEVELS = ("reference", "all")
+# The patch size smp's DPT builds its decoder for when the ViT's patch is no power of two.
+DPT_TOKEN_STRIDE = 16
 
 
 def available_architectures() -> list[str]:
@@ -134,6 +145,60 @@ def _timm_cache(timm_name: str) -> CachedWeights | None:
     return None
 
 
+def _fit_dpt_decoder(model: nn.Module, options: dict[str, Any]) -> None:
+    """Give smp's DPT a decoder that fits its ViT's token grid when the patch is no power of two.
+
+    smp resizes the token maps by ``patch / 4``, ``patch / 8``, ... (to strides 4 to 32), whole factors
+    only for a power-of-two patch. A patch-14 ViT (DINOv2) gets the factors of a patch-16 one instead,
+    4, 2, 1 and 1/2 of the token grid, as UniMatch V2's DPT head does (LiheYoung/UniMatch-V2
+    model/semseg/dpt.py:43-63); its logits come out at 16/14 of the input, and the forward resizes
+    them to it (bilinear, align corners, as dpt.py:170 resizes its own).
+    """
+    patch, channels = model.encoder.output_stride, model.encoder.out_channels
+    if patch & (patch - 1) == 0:
+        return
+    defaults = inspect.signature(smp.DPT).parameters
+
+    def option(name: str) -> Any:
+        return options.get(name, defaults[name].default)
+
+    model.decoder = DPTDecoder(
+        encoder_out_channels=channels,
+        encoder_output_strides=[DPT_TOKEN_STRIDE] * len(channels),
+        encoder_has_prefix_tokens=model.encoder.has_prefix_tokens,
+        readout=option("decoder_readout"),
+        intermediate_channels=option("decoder_intermediate_channels"),
+        fusion_channels=option("decoder_fusion_channels"),
+    )
+    smp_init.initialize_decoder(model.decoder)
+
+
+def _dpt_input_divisor(encoder: nn.Module) -> int:
+    """What DPT inputs must be a multiple of: the patch, times what its deepest reassembled map halves.
+
+    The decoder resizes its token maps to strides 4, 8, 16, 32 of a power-of-two patch's size (or of
+    `DPT_TOKEN_STRIDE`'s) and fuses each deeper one into the next, doubled: a map coarser than the
+    token grid must divide it (an even grid with four maps at patch 14 or 16).
+    """
+    patch, maps = encoder.output_stride, len(encoder.out_channels)
+    built_for = patch if patch & (patch - 1) == 0 else DPT_TOKEN_STRIDE
+    return patch * max(1, 2 ** (maps + 1) // built_for)
+
+
+def _build(arch: str, **kwargs: Any) -> nn.Module:
+    """``smp.create_model``; a DPT's ViT takes any input size and fits its decoder (`_fit_dpt_decoder`)."""
+    if arch.lower() == "dpt":
+        # timm ViTs with a fixed input size (DINOv2's 518) interpolate their position embeddings instead.
+        kwargs = {"dynamic_img_size": True, **kwargs}
+    model = smp.create_model(arch, **kwargs)
+    if isinstance(model, smp.DPT):
+        _fit_dpt_decoder(model, kwargs)
+        # The decoder reads intermediate blocks only: the blocks after the last one it reads, the final
+        # norm and the classifier would get no gradient (and multi-GPU training would refuse them).
+        model.encoder.model.prune_intermediate_layers(model.encoder._output_indices, prune_norm=True)
+    return model
+
+
 def _pretrained_model(arch: str, encoder_name: str, weights: str, **kwargs: Any) -> nn.Module:
     """An smp model whose encoder smp (or, for ``tu-`` encoders, timm) loads named weights into."""
     if encoder_name.startswith("tu-"):
@@ -163,7 +228,7 @@ def _pretrained_model(arch: str, encoder_name: str, weights: str, **kwargs: Any)
     if cache is not None and hf_constants.is_offline_mode() and cache.missing():
         raise no_cached_file("offline: HF_HUB_OFFLINE is set")
     try:
-        return smp.create_model(arch, encoder_name=smp_name, encoder_weights=smp_weights, **kwargs)
+        return _build(arch, encoder_name=smp_name, encoder_weights=smp_weights, **kwargs)
     except (OSError, EntryNotFoundError) as exc:  # no connection, offline, HTTP errors
         if cache is None or not cache.missing():
             raise
@@ -188,7 +253,7 @@ def create_smp_model(arch: str, encoder_name: str, encoder_weights: str | None =
         raise ValueError(f"unknown arch {arch!r}; expected one of {available_architectures()}")
     _check_encoder(encoder_name)
     if encoder_weights is None:
-        return smp.create_model(arch.lower(), encoder_name=encoder_name, encoder_weights=None, **kwargs)
+        return _build(arch.lower(), encoder_name=encoder_name, encoder_weights=None, **kwargs)
     if encoder_weights == SOURCE_WEIGHTS:
         # The embedded benchmark's own pretrained encoder: trained once for this network, then cached.
         options = {k: v for k, v in kwargs.items() if k != "classes"}
@@ -201,7 +266,7 @@ def create_smp_model(arch: str, encoder_name: str, encoder_weights: str | None =
             f"encoder_weights={encoder_weights!r} for {encoder_name}: expected None, the path of a local "
             f"weights file (none there), {SOURCE_WEIGHTS!r}, or a weight name for this encoder: {names}"
         )
-    model = smp.create_model(arch.lower(), encoder_name=encoder_name, encoder_weights=None, **kwargs)
+    model = _build(arch.lower(), encoder_name=encoder_name, encoder_weights=None, **kwargs)
     load_encoder_weights(model, encoder_weights)
     return model
 
@@ -264,18 +329,35 @@ class Segmenter(nn.Module):
     def _input_divisor(self) -> int:
         if not getattr(self.model, "requires_divisible_input_shape", True):
             return 1
+        if isinstance(self.model, smp.DPT):
+            return _dpt_input_divisor(self.model.encoder)
         return int(getattr(self.model.encoder, "output_stride", 32))
 
     @property
     def feature_channels(self) -> int:
         """Channels of the decoder features returned by `forward_features`."""
-        return self.model.segmentation_head[0].in_channels
+        head = self.model.segmentation_head
+        return next(m for m in head.modules() if isinstance(m, nn.Conv2d)).in_channels
+
+    @property
+    def _first_feature_map(self) -> int:
+        # smp's convolutional encoders list the input itself first; a ViT's maps are all tokens.
+        return 0 if isinstance(self.model, smp.DPT) else 1
+
+    def encoder_parameters(self) -> Iterator[nn.Parameter]:
+        """The encoder's parameters (a method may train them at a learning rate of their own)."""
+        return self.model.encoder.parameters()
+
+    @property
+    def encoder_width(self) -> int:
+        """Channels of the widest encoder map the decoder reads (a ViT's: its embedding width)."""
+        return max(self.model.encoder.out_channels[self._first_feature_map:])
 
     def register_pass_hook(self, hook: Callable[[Tensor, bool], None]) -> RemovableHandle:
         """Call ``hook(images, perturbed)`` as each pass through the network starts.
 
-        Every pass counts once: `forward` and `forward_features` with ``perturbed`` False,
-        `forward_perturbed` with True. A way to count passes and their batch sizes from outside
+        Every pass counts once: `forward`, `forward_features` and `forward_channel_scaled` with
+        ``perturbed`` False, `forward_perturbed` with True. A way to count passes and their batch sizes from outside
         (``benchmarks/bench_step.py``). The returned handle's ``remove()`` unregisters the hook.
         """
         handle = RemovableHandle(self._pass_hooks)
@@ -294,15 +376,29 @@ class Segmenter(nn.Module):
             x = F.pad(x, (0, pad_w, 0, pad_h), mode=mode)
         return x, height, width
 
+    def _encode(self, x: Tensor) -> tuple[list[Tensor], list[Tensor | None] | None]:
+        """The encoder maps and, for DPT, each map's prefix (class) tokens, which its decoder also reads."""
+        encoded = self.model.encoder(x)
+        return encoded if isinstance(self.model, smp.DPT) else (encoded, None)
+
+    def _decode(
+        self, maps: list[Tensor], prefix: list[Tensor | None] | None, size: torch.Size
+    ) -> tuple[Tensor, Tensor]:
+        """Logits at ``size`` (the padded input's) and the decoder features."""
+        features = self.model.decoder(maps) if prefix is None else self.model.decoder(maps, prefix)
+        logits = self.model.segmentation_head(features)
+        if logits.shape[-2:] != size:  # a patch-14 DPT's (`_fit_dpt_decoder`)
+            logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=True)
+        return logits, features
+
     def forward_features(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """Logits (B, C, H, W) at input size and decoder features (B, F, h, w) of the padded input.
 
-        The features keep the decoder's own stride (4 for DeepLabV3+, 1 for U-Net) and
-        cover the padded input; `crop_features` maps them back to the input extent.
+        The features keep the decoder's own stride (4 for DeepLabV3+, 1 for U-Net, 2 for a patch-16
+        DPT, 1.75 for a patch-14 one) and cover the padded input.
         """
         x, height, width = self._prepare(images)
-        features = self.model.decoder(self.model.encoder(x))
-        logits = self.model.segmentation_head(features)
+        logits, features = self._decode(*self._encode(x), x.shape[-2:])
         return logits[..., :height, :width], features
 
     def forward_perturbed(
@@ -318,14 +414,15 @@ class Segmenter(nn.Module):
             levels: Which maps are dropped in the perturbed stream. ``"reference"``: the first map
                 at stride 4 or more (ResNet's layer1) and the deepest one, the reference's c1 and c4
                 (LiheYoung/UniMatch model/semseg/deeplabv3plus.py:45); for DeepLabV3+ these are all
-                that its decoder reads. ``"all"``: every map but the input itself (which smp lists first).
+                that its decoder reads; for a ViT (DPT), the first and the last of its token maps.
+                ``"all"``: every map but the input itself (which smp lists first).
         """
         if levels not in FP_LEVELS:
             raise ValueError(f"fp levels {levels!r}: expected one of {FP_LEVELS}")
         x, height, width = self._prepare(images, perturbed=True)
-        features = self.model.encoder(x)
+        features, prefix = self._encode(x)
         if levels == "all":
-            dropped = set(range(1, len(features)))
+            dropped = set(range(self._first_feature_map, len(features)))
         else:
             shallow = next((i for i, f in enumerate(features) if 4 * f.shape[-1] <= x.shape[-1]), 0)
             dropped = {shallow, len(features) - 1}
@@ -333,9 +430,35 @@ class Segmenter(nn.Module):
             torch.cat([f, F.dropout2d(f, dropout_p, training=True) if i in dropped else f])
             for i, f in enumerate(features)
         ]
-        logits = self.model.segmentation_head(self.model.decoder(doubled))[..., :height, :width]
+        if prefix is not None:
+            prefix = [None if t is None else torch.cat([t, t]) for t in prefix]
+        logits = self._decode(doubled, prefix, x.shape[-2:])[0][..., :height, :width]
         clean, perturbed = logits.chunk(2)
         return clean, perturbed
+
+    def forward_channel_scaled(self, images: Tensor, scales: Tensor) -> Tensor:
+        """Logits (B, C, H, W) with every encoder map the decoder reads multiplied per image and channel.
+
+        UniMatch V2's Complementary Dropout multiplies each of its four token maps by one (B, width)
+        mask (LiheYoung/UniMatch-V2 model/semseg/dpt.py:148-161). A ViT's maps (and the prefix tokens
+        that DPT's readout adds to them) all have the embedding width, so all take the whole of
+        ``scales``. NOTE: a convolutional encoder's maps are narrower than its widest; a map of c
+        channels takes the first c columns, so its channels are scaled as the ViT's are, but the
+        masks of different maps are not independent.
+
+        Args:
+            images: (B, 3, H, W) [0, 1] images.
+            scales: (B, `encoder_width`) factors.
+        """
+        if scales.shape != (len(images), self.encoder_width):
+            raise ValueError(f"scales of shape {tuple(scales.shape)}; expected {(len(images), self.encoder_width)}")
+        x, height, width = self._prepare(images)
+        maps, prefix = self._encode(x)
+        first = self._first_feature_map
+        maps = [m if i < first else m * scales[:, : m.shape[1], None, None].to(m.dtype) for i, m in enumerate(maps)]
+        if prefix is not None:  # (B, tokens, width)
+            prefix = [None if t is None else t * scales[:, None, : t.shape[-1]].to(t.dtype) for t in prefix]
+        return self._decode(maps, prefix, x.shape[-2:])[0][..., :height, :width]
 
     def compile_parts(self) -> None:
         """``torch.compile`` the encoder, decoder and head in place: every forward path uses them."""

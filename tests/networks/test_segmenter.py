@@ -14,6 +14,16 @@ def tiny(**kw):
     return Segmenter(3, arch=kw.pop("arch", "DeepLabV3Plus"), encoder_name="tu-test_resnet", model_options={"decoder_channels": 32}, **kw)
 
 
+# A DPT head small enough for tests: 16-32 channels instead of smp's 256-1024.
+TINY_DPT = {"decoder_intermediate_channels": [16, 16, 32, 32], "decoder_fusion_channels": 16}
+
+
+def tiny_vit(patch_size: int = 14, **kw) -> dict:
+    """Segmenter arguments of a random-init 6-block, 64-wide ViT (timm's test_vit) with a tiny DPT head."""
+    options = {"patch_size": patch_size, **TINY_DPT, **kw.pop("model_options", {})}
+    return {"arch": "DPT", "encoder_name": "tu-test_vit", "model_options": options, **kw}
+
+
 @pytest.mark.parametrize("size", [(32, 32), (37, 45), (20, 70)])
 def test_logits_at_input_size_for_any_size(size):
     net = tiny().eval()
@@ -183,3 +193,80 @@ def test_feature_perturbation_drops_the_reference_levels(arch, levels):
     assert changed == expected
     with pytest.raises(ValueError, match="fp levels 'some'"):
         net.forward_perturbed(torch.rand(2, 3, 64, 64), 0.5, "some")
+
+
+@pytest.mark.parametrize("patch, divisor", [(14, 28), (16, 32)])
+@pytest.mark.parametrize("size", [(28, 28), (37, 45), (20, 70)])
+def test_vit_dpt_logits_at_input_size_for_any_size(patch, divisor, size):
+    # Two token maps per deepest one: inputs are padded to an even token grid (28 px at patch 14).
+    net = Segmenter(3, **tiny_vit(patch)).eval()
+    assert net.stride == divisor
+    logits, features = net.forward_features(torch.rand(2, 3, *size))
+    assert logits.shape == (2, 3, *size)
+    assert features.shape[:2] == (2, net.feature_channels) == (2, 16)
+    # The decoder's features are at half the head's output, which is 16 px per token for both patches.
+    assert features.shape[-1] == -(-size[1] // divisor) * divisor // patch * 8
+
+
+def test_vit_dpt_matches_smp_own_forward_where_smp_takes_the_input():
+    net = Segmenter(3, **tiny_vit(16)).eval()
+    images = torch.rand(1, 3, 64, 32)
+    assert torch.allclose(net(images), net.model((images - net.mean) / net.std), atol=1e-5)
+
+
+def test_channel_scales_reach_every_token_map_and_the_prefix_tokens():
+    net = Segmenter(3, **tiny_vit()).eval()
+    seen = []
+    net.model.decoder.register_forward_pre_hook(lambda module, args: seen.append(args))
+    images = torch.rand(2, 3, 28, 28)
+    assert torch.allclose(net.forward_channel_scaled(images, torch.ones(2, net.encoder_width)), net(images), atol=1e-6)
+    scales = torch.rand(2, net.encoder_width)
+    net.forward_channel_scaled(images, scales)
+    (maps, prefix), (scaled_maps, scaled_prefix) = seen[0], seen[2]
+    for plain, scaled in zip(maps, scaled_maps):
+        torch.testing.assert_close(scaled, plain * scales[:, :, None, None])
+    for plain, scaled in zip(prefix, scaled_prefix):
+        torch.testing.assert_close(scaled, plain * scales[:, None, :])
+    with pytest.raises(ValueError, match=r"scales of shape \(2, 3\); expected \(2, 64\)"):
+        net.forward_channel_scaled(images, torch.ones(2, 3))
+
+
+def test_channel_scales_skip_a_cnn_input_and_cut_to_each_map():
+    net = tiny().eval()
+    seen = []
+    net.model.decoder.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    images, scales = torch.rand(2, 3, 32, 32), torch.rand(2, net.encoder_width)
+    net(images)
+    net.forward_channel_scaled(images, scales)
+    plain, scaled = seen
+    assert torch.equal(scaled[0], plain[0])  # the input itself
+    for a, b in zip(plain[1:], scaled[1:]):
+        torch.testing.assert_close(b, a * scales[:, : a.shape[1], None, None])
+
+
+@pytest.mark.parametrize("levels, expected", [("reference", [0, 3]), ("all", [0, 1, 2, 3])])
+def test_vit_feature_perturbation_levels(levels, expected):
+    net = Segmenter(3, **tiny_vit()).train()
+    seen = []
+    net.model.decoder.register_forward_pre_hook(lambda module, args: seen.append(args))
+    torch.manual_seed(0)
+    clean, perturbed = net.forward_perturbed(torch.rand(2, 3, 28, 28), 0.5, levels)
+    ((maps, prefix),) = seen
+    assert [i for i, f in enumerate(maps) if not torch.equal(*f.chunk(2))] == expected
+    assert all(torch.equal(*t.chunk(2)) for t in prefix)  # the class tokens are not dropped
+    assert clean.shape == perturbed.shape == (2, 3, 28, 28)
+
+
+def test_dinov2_weights_by_name_and_from_a_local_file(weights_cache, tmp_path):
+    # DINOv2-S/14's blocks at a tenth of its width: its named weights come through timm's loader,
+    # from the Hugging Face cache (the default tag, lvd142m), like any tu- encoder's.
+    narrow = {"embed_dim": 32, "num_heads": 2}
+    state = random_state(timm.create_model("vit_small_patch14_dinov2", **narrow))
+    cache_timm_hf_weights(weights_cache, "timm/vit_small_patch14_dinov2.lvd142m", state)
+    kwargs = {"arch": "DPT", "encoder_name": "tu-vit_small_patch14_dinov2", "model_options": {**narrow, **TINY_DPT}}
+    net = Segmenter(3, encoder_weights="imagenet", **kwargs)
+    assert_weights_loaded(net.model.encoder.model, state)
+    assert net(torch.rand(1, 3, 30, 30)).shape == (1, 3, 30, 30)  # 518 px position embeddings, interpolated
+    path = tmp_path / "encoder.pth"
+    torch.save(net.model.encoder.state_dict(), path)
+    assert_weights_loaded(Segmenter(3, encoder_weights=str(path), **kwargs).model.encoder.model, state)
