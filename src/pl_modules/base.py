@@ -374,8 +374,16 @@ class SemiSupervisedModule(pl.LightningModule, ABC):
         """Every parameter the optimizer updates: all but the teacher's."""
         return [p for n, p in self.named_parameters() if not n.startswith("teacher.") and p.requires_grad]
 
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """The trainable parameters as optimizer groups, ``{"params": [...], "lr_multiplier": m}``: each
+        group learns at m times the optimizer's lr. Here one group; a method may split it (UniMatch V2)."""
+        return [{"params": self.trainable_parameters(), "lr_multiplier": 1.0}]
+
     def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = self.optimizer_factory(self.trainable_parameters())
+        groups = self.parameter_groups()
+        optimizer = self.optimizer_factory([{"params": group["params"]} for group in groups])
+        for group, wanted in zip(optimizer.param_groups, groups):
+            group["lr"] *= wanted["lr_multiplier"]  # before the scheduler takes it as the initial lr
         total = max(int(self.trainer.max_steps), 1)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: self.lr_factor(step, total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

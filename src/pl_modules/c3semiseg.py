@@ -18,8 +18,8 @@ from src.losses.c3 import class_balanced_mask, contrastive_from_logits, soft_con
 from src.losses.reco import pool_to_stride
 from src.networks import projection_head
 from src.pl_modules.base import SemiSupervisedModule, check_fractions, check_non_negative
-from src.pl_modules.ops import (colour_jitter, cross_set_cutmix_forward, ema_decay, ema_update, overwrite_given,
-                                 sigmoid_rampup_from, weak_view)
+from src.pl_modules.ops import (colour_jitter, copy_buffers, cross_set_cutmix_forward, ema_decay, ema_update,
+                                 overwrite_given, sigmoid_rampup_from, weak_view)
 from src.pl_modules.timing import StepFloor
 
 
@@ -119,7 +119,8 @@ class C3SemiSeg(SemiSupervisedModule):
         since = step - self.hparams.unlabeled_start_step
         if since >= 0:
             for teacher, student in ((self.teacher, self.student), (self.teacher_head, self.rep_head)):
-                ema_update(teacher, student, ema_decay(since, self.hparams.ema_decay), copy_buffers=True)
+                ema_update(teacher, student, ema_decay(since, self.hparams.ema_decay))
+                copy_buffers(teacher, student)
 
     def embed(self, head: nn.Module, features: Tensor, input_width: int) -> Tensor:
         """Projection-head embeddings on the ``embedding_stride`` grid from decoder features (N, F, h, w)."""

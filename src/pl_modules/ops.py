@@ -49,13 +49,13 @@ def ema_decay(step: int, alpha: float) -> float:
 
 
 @torch.no_grad()
-def ema_update(teacher: nn.Module, student: nn.Module, decay: float, copy_buffers: bool = False) -> None:
+def ema_update(teacher: nn.Module, student: nn.Module, decay: float) -> None:
     """In place, ``teacher = decay * teacher + (1 - decay) * student`` on floating-point parameters.
 
     Buffers are deliberately not averaged (METHODS.md 3 step 6): the teacher's BatchNorm running
     statistics, and ``num_batches_tracked``, come only from its own train-mode forward passes on
-    unlabeled batches; with ``copy_buffers`` they are the student's instead (C3-SemiSeg, METHODS.md 6
-    step 8). Teacher and student must have the same parameter names (a deep copy does).
+    unlabeled batches (a method that wants the student's copies them, `copy_buffers`). Teacher and
+    student must have the same parameter names (a deep copy does).
     """
     teacher_named = [(n, p) for n, p in teacher.named_parameters() if p.dtype.is_floating_point]
     student_named = [(n, p) for n, p in student.named_parameters() if p.dtype.is_floating_point]
@@ -63,9 +63,13 @@ def ema_update(teacher: nn.Module, student: nn.Module, decay: float, copy_buffer
         raise ValueError("ema_update: teacher and student have different parameter names")
     if teacher_named:
         torch._foreach_lerp_([p for _, p in teacher_named], [p for _, p in student_named], 1.0 - decay)
-    if copy_buffers:
-        for buffer_t, buffer_s in zip(teacher.buffers(), student.buffers()):
-            buffer_t.copy_(buffer_s)
+
+
+@torch.no_grad()
+def copy_buffers(target: nn.Module, source: nn.Module) -> None:
+    """In place, every buffer of ``target`` (BatchNorm statistics, counters) becomes ``source``'s (same architecture)."""
+    for buffer_t, buffer_s in zip(target.buffers(), source.buffers()):
+        buffer_t.copy_(buffer_s)
 
 
 def sigmoid_rampup(step: float, length: float) -> float:

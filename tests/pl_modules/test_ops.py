@@ -62,15 +62,17 @@ def test_ema_update_params_only():
         torch.testing.assert_close(t, s, rtol=0, atol=1e-7)
 
 
-def test_ema_update_can_copy_the_buffers():
+def test_copy_buffers_copies_statistics_and_counters_only():
     student = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
     teacher = copy.deepcopy(student)
     with torch.no_grad():
         student[1].running_mean.add_(5.0)
         student[1].num_batches_tracked.add_(7)
-    ops.ema_update(teacher, student, 0.5, copy_buffers=True)
+        student[0].weight.add_(1.0)
+    ops.copy_buffers(teacher, student)
     for t, s in zip(teacher.buffers(), student.buffers()):
         assert torch.equal(t, s)
+    assert not torch.equal(teacher[0].weight, student[0].weight)
 
 
 def test_ema_update_rejects_different_modules():
