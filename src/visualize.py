@@ -21,7 +21,7 @@ from torch import Tensor
 from src.datamodules import SegmentationDataModule
 from src.datasets.base import DatasetError
 from src.pl_modules.base import SemiSupervisedModule
-from src.pl_modules.visualize import prototype_similarity, prototype_sums, relation_figure
+from src.pl_modules.relations import prototype_similarity, prototype_sums, relation_figure
 from src.predict import load_module
 
 

@@ -34,8 +34,9 @@ from src.datasets.base import IGNORE_INDEX
 from src.networks import RepresentationHead, Segmenter
 from src.pl_modules.diagnostics import pseudo_label_counts, training_state_kept
 from src.pl_modules.ops import ema_decay, ema_update
+from src.pl_modules.relations import prototype_similarity, prototype_sums, relation_figure
 from src.pl_modules.timing import PhaseRecorder, StepFloor
-from src.pl_modules.visualize import prediction_grid, prototype_similarity, prototype_sums, relation_figure
+from src.pl_modules.visualize import prediction_grid
 from src.utils import scalar_metrics
 
 TEACHER_BN_MODES = ("train", "eval")
@@ -121,7 +122,7 @@ class SemiSupervisedModule(pl.LightningModule, ABC):
             and for methods with an unlabeled loss an image | pseudo-label | confidence mask | ground truth
             grid of the diagnostic images (``diag/pseudo_labels``); for methods with a representation head, the
             cosine similarity of its class prototypes on the validation set (``val/class_relations``,
-            `src.pl_modules.visualize.relation_figure`).
+            `src.pl_modules.relations.relation_figure`).
         num_log_images: Rows in that grid.
         representation_dim: Output dimension of the representation head (methods that use one).
         scale_range: Random rescale range of batch-level augmentation of unlabeled images (the CLI links
