@@ -1,5 +1,4 @@
-"""ReCo's class-relation view (cosine similarity of the class prototypes): the base logs `relation_figure` at
-image-grid validations (``val/class_relations``); ``python -m src.visualize relations`` draws a checkpoint's."""
+"""ReCo's class-relation view, the cosine similarity of class prototypes: for TensorBoard and `src.visualize`."""
 
 from __future__ import annotations
 
