@@ -11,6 +11,7 @@ from src.pl_modules.reco import ReCo
 from src.pl_modules.recon import Recon
 from src.pl_modules.supervised import Supervised
 from src.pl_modules.unimatch import UniMatch
+from src.pl_modules.unimatch_v2 import UniMatchV2
 
 METHOD_CLASSES: tuple[type[SemiSupervisedModule], ...] = (
     Supervised,
@@ -21,6 +22,7 @@ METHOD_CLASSES: tuple[type[SemiSupervisedModule], ...] = (
     ReCo,
     FixMatch,
     UniMatch,
+    UniMatchV2,
     Recon,
     C3SemiSeg,
     CPS,
@@ -60,5 +62,6 @@ __all__ = [
     "SemiSupervisedModule",
     "Supervised",
     "UniMatch",
+    "UniMatchV2",
     "get_method",
 ]

@@ -65,9 +65,8 @@ class FixMatch(SemiSupervisedModule):
     # [labeled; weak], then the strong view; the eval-mode labels of the mixing view.
     step_floor = StepFloor(passes=(2, 1), eval_forwards=1)
 
-    def __init__(
-        self, confidence_threshold: float = 0.95, cutmix_p: float = 0.5, mix_source: str = "view", **kwargs: Any
-    ) -> None:
+    def __init__(self, confidence_threshold: float = 0.95, cutmix_p: float = 0.5, mix_source: str = "view",
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
         check_fractions(confidence_threshold=confidence_threshold, cutmix_p=cutmix_p)
         if mix_source not in MIX_SOURCES:
@@ -78,9 +77,12 @@ class FixMatch(SemiSupervisedModule):
         logits_l, logits_w = self.student(torch.cat([images_l, images_w])).split([len(images_l), len(images_w)])
         return logits_l, logits_w, None
 
-    def unlabeled_loss(
-        self, loss_strong: Tensor, logits_fp: Tensor | None, targets_w: tuple[Tensor, Tensor, Tensor]
-    ) -> tuple[Tensor, dict[str, Tensor]]:
+    def forward_strong(self, images_s: Tensor) -> Tensor:
+        """Student logits (k*B, C, H, W) of the k strong views stacked (UniMatch V2 perturbs features)."""
+        return self.student(images_s)
+
+    def unlabeled_loss(self, loss_strong: Tensor, logits_fp: Tensor | None,
+                       targets_w: tuple[Tensor, Tensor, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         """The unlabeled loss and extra logged terms from the strong views' mean term, the third output of
         `forward_labeled_and_weak` and the weak (pseudo-labels, confidences, valid): here the first alone."""
         return loss_strong, {}
@@ -134,7 +136,7 @@ class FixMatch(SemiSupervisedModule):
         images_l, masks_l = batch["labeled"]["image"], batch["labeled"]["mask"]
         views = self.make_views(batch["unlabeled"])
         logits_l, logits_w, logits_fp = self.forward_labeled_and_weak(images_l, views.weak)
-        logits_s = self.student(torch.cat(views.strong)).chunk(len(views.strong))  # (k*B, C, H, W) -> k x (B, ...)
+        logits_s = self.forward_strong(torch.cat(views.strong)).chunk(len(views.strong))  # (k*B, ...) -> k x (B, ...)
         targets_w, targets_m = self.targets(views, logits_w)
         threshold = self.hparams.confidence_threshold
         losses_strong = []
