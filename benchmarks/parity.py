@@ -64,12 +64,15 @@ from src.losses.reco import reco_loss  # noqa: E402
 from src.networks.segmenter import IMAGENET_MEAN, IMAGENET_STD, Segmenter  # noqa: E402
 from src.pl_modules import c3semiseg as c3_module  # noqa: E402
 from src.pl_modules import cps as cps_module  # noqa: E402
+from src.pl_modules import fixmatch as fixmatch_module  # noqa: E402
 from src.pl_modules import ops  # noqa: E402
+from src.pl_modules import unimatch_v2 as v2_module  # noqa: E402
 from src.pl_modules.c3semiseg import C3SemiSeg  # noqa: E402
 from src.pl_modules.cps import CPS  # noqa: E402
 from src.pl_modules.fixmatch import FixMatch, UnlabeledViews  # noqa: E402
 from src.pl_modules.mean_teacher import MeanTeacher  # noqa: E402
 from src.pl_modules.unimatch import UniMatch  # noqa: E402
+from src.pl_modules.unimatch_v2 import UniMatchV2  # noqa: E402
 
 T_MAX = 4.0  # |Welch t| below this is a match (two-sided p about 6e-5 per row under equal means)
 TINY_ENCODER = "tu-test_resnet"
@@ -970,6 +973,196 @@ def c3_rows(official: Official, settings: Settings) -> list[Row]:
     return rows + guarded("ramp-up and EMA", lambda: c3_schedules(official))
 
 
+# ---------------------------------------------------------------------------------------- UniMatch V2
+V2_SCRIPT, V2_DPT = "unimatch_v2.py", "model/semseg/dpt.py"
+# A random-init 6-block, 64-wide ViT (timm's test_vit) with a small DPT head, on 56-pixel crops.
+TINY_VIT = {"arch": "DPT", "encoder_name": "tu-test_vit",
+            "model_options": {"patch_size": 14, "decoder_intermediate_channels": [16, 16, 32, 32],
+                              "decoder_fusion_channels": 16}}
+
+
+def official_complementary_masks(official: Official) -> Callable[[int, int], Tensor]:
+    """``masks(batch, width)``: the channel factors the official ``DPT.forward`` multiplies its token maps by
+    under ``comp_drop`` (LiheYoung/UniMatch-V2 model/semseg/dpt.py:148-161), drawn from the global RNG by
+    its own code on a stand-in backbone whose tokens are ones."""
+    forward = official.definitions(V2_DPT, "DPT.forward").forward
+
+    def masks(batch: int, width: int) -> Tensor:
+        seen: list[Tensor] = []
+
+        def head(features: Iterable[Tensor], patch_h: int, patch_w: int) -> Tensor:
+            seen.append(next(iter(features))[:, 0])  # (batch, 1, width) ones times the mask
+            return torch.zeros(batch, 1, patch_h, patch_w)
+
+        stub = SimpleNamespace(binomial=torch.distributions.binomial.Binomial(probs=0.5), encoder_size="small",
+                               intermediate_layer_idx={"small": [0]}, head=head,
+                               backbone=SimpleNamespace(get_intermediate_layers=lambda x, idx: [torch.ones(batch, 1, width)]))
+        with cuda_calls_stay_put():
+            forward(stub, torch.zeros(batch, 3, 14, 14), comp_drop=True)
+        return seen[0]
+
+    return masks
+
+
+def complementary_dropout_rows(official: Official, settings: Settings) -> list[Row]:
+    """`complementary_dropout_scales` against the official masks, batches of 4 images x 2 views, width 64."""
+    masks = official_complementary_masks(official)
+    batches = max(settings.samples // 8, 4)
+    seed_all(0)
+    official_draws = torch.stack([masks(8, 64) for _ in range(batches)])  # (batches, 8, 64)
+    gen = torch.Generator().manual_seed(0)
+    suite_draws = torch.stack([v2_module.complementary_dropout_scales(4, 64, 0.5, generator=gen)
+                               for _ in range(batches)])
+
+    def properties(draws: Tensor) -> tuple[bool, list[float], Tensor, Tensor]:
+        first, second = draws.chunk(2, dim=1)  # (batches, 4, 64) each
+        clean = (first == 1).all(-1)  # (batches, 4)
+        kept = (first[~clean] == 2).double().mean(-1)  # per dropped pair, the share the first view keeps
+        return bool(torch.equal(first + second, torch.full_like(first, 2.0))), draws.unique().tolist(), clean, kept
+
+    (comp_s, values_s, clean_s, kept_s), (comp_o, values_o, clean_o, kept_o) = properties(suite_draws), \
+        properties(official_draws)
+    return [
+        same("Complementary Dropout: second view's factors = 2 - first view's", comp_s, comp_o),
+        same("Complementary Dropout: factors used", values_s, values_o),
+        distribution("Complementary Dropout: pairs left clean per batch of 4", clean_s.sum(1), clean_o.sum(1)),
+        distribution("Complementary Dropout: share of a dropped pair's channels the first view keeps", kept_s,
+                     kept_o),
+    ]
+
+
+def unimatch_v2_step(official: Official) -> list[Row]:
+    """One UniMatch V2 step (LiheYoung/UniMatch-V2 unimatch_v2.py:170-204) on copies of the suite's student
+    and teacher, beside the suite's ``compute_losses`` with its views fixed and its Complementary Dropout
+    masks drawn by the official code. With two images per batch the reference's partner, ``flip(0)``,
+    is the suite's ``roll(-1)``."""
+    step = official.statements(V2_SCRIPT, "with torch.no_grad(): pred_u_w = model_ema(img_u_w)",
+                               "loss = (loss_x + loss_u_s) / 2.0")
+    ratio = official.statements(V2_SCRIPT, "mask_ratio =", "mask_ratio =")
+    cfg = yaml.safe_load(official.source("configs/pascal.yaml"))
+    masks = official_complementary_masks(official)
+    torch.manual_seed(0)
+    module = UniMatchV2(num_classes=3, channels_last=False, confidence_threshold=cfg["conf_thresh"], **TINY_VIT)
+    module.train()  # the teacher is a copy of the student: about 3/4 of its weak-view pixels reach 0.95
+    student, teacher = copy.deepcopy(module.student), copy.deepcopy(module.teacher).eval()
+    drawn: list[Tensor] = []
+
+    def model(images: Tensor, comp_drop: bool = False) -> Tensor:
+        if not comp_drop:
+            return student(images)
+        drawn.append(masks(len(images), student.encoder_width))
+        return student.forward_channel_scaled(images, drawn[-1])
+
+    gen = torch.Generator().manual_seed(0)
+    image = lambda: torch.rand(2, 3, 56, 56, generator=gen)  # noqa: E731
+    images_l, weak, strong = image(), image(), [image(), image()]
+    mask_x = torch.randint(0, 3, (2, 56, 56), generator=gen)
+    mask_x[:, :6] = IGNORE_INDEX
+    ignore_mask = torch.zeros(2, 56, 56, dtype=torch.long)
+    ignore_mask[0, :, 44:] = IGNORE_INDEX
+    obtain = official.definitions("dataset/transform.py", "obtain_cutmix_box").obtain_cutmix_box
+    seed_all(3)
+    random.seed(3)
+    boxes = [torch.stack([obtain(56, p=1.0) for _ in range(2)]) for _ in range(2)]
+    namespace = {"torch": torch, "model": model, "model_ema": teacher, "cfg": cfg, "img_x": images_l, "mask_x": mask_x,
+                 "img_u_w": weak, "img_u_s1": strong[0].clone(), "img_u_s2": strong[1].clone(),
+                 "ignore_mask": ignore_mask, "cutmix_box1": boxes[0], "cutmix_box2": boxes[1],
+                 "criterion_l": nn.CrossEntropyLoss(**cfg["criterion"]["kwargs"]),
+                 "criterion_u": nn.CrossEntropyLoss(reduction="none")}
+    seed_all(7)
+    step(namespace)
+    ratio(namespace)
+    namespace["loss"].backward()
+
+    pasted = [ops.mix_by_mask(box.bool(), view.roll(-1, 0), view) for box, view in zip(boxes, strong)]
+    fixed = UnlabeledViews(weak, torch.full_like(mask_x, IGNORE_INDEX), ignore_mask != IGNORE_INDEX, pasted,
+                           [box.bool() for box in boxes], None, None, None)
+    module.make_views = lambda unlabeled: fixed  # what FixMatch.make_views builds with mix_source="batch"
+    # The suite's masks come from the official code too, from the same RNG state (smp's DPT head has a
+    # dropout, so both sides must draw alike): the same masks, and the same draws after them.
+    replayed: list[Tensor] = []
+
+    def official_scales(num_pairs: int, channels: int, *args: Any, **kwargs: Any) -> Tensor:
+        replayed.append(masks(2 * num_pairs, channels))
+        return replayed[-1]
+
+    seed_all(7)
+    with mock.patch.object(v2_module, "complementary_dropout_scales", official_scales):
+        losses = module.compute_losses({"labeled": {"image": images_l, "mask": mask_x}, "unlabeled": {"image": weak}})
+    losses["loss"].backward()
+    # Parameters the step does not reach (a ViT's unused tokens) have no gradient on either side: zeros.
+    grads = lambda net: torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten()  # noqa: E731
+                                   for p in net.parameters()])
+    stats = lambda net: torch.cat([b.flatten().double() for n, b in net.named_buffers() if "running" in n])  # noqa: E731
+    return [
+        exact("strong view 1 after the CutMix paste", pasted[0], namespace["img_u_s1"], tol=0),
+        exact("Complementary Dropout masks, replayed", replayed[0], drawn[0], tol=0),
+        exact("supervised loss", losses["loss_sup"], namespace["loss_x"]),
+        exact("strong-view loss, mean of the two views", losses["loss_unsup"], namespace["loss_u_s"]),
+        exact(f"total loss (weights of {V2_SCRIPT})", losses["loss"], namespace["loss"]),
+        exact("mask ratio (confident share of the weak view's valid pixels)", losses["mask_ratio"],
+              namespace["mask_ratio"]),
+        exact("gradient of every student parameter", grads(module.student), grads(student), tol=1e-6),
+        exact("BatchNorm running statistics after the step", stats(module.student), stats(student), tol=1e-6),
+    ]
+
+
+def unimatch_v2_partner(official: Official) -> list[Row]:
+    """Whose pixels a strong view's CutMix box shows, in a batch of 4: the official paste statement
+    (unimatch_v2.py:175) against `FixMatch.make_views` with ``mix_source="batch"``, each on images
+    whose pixels hold their batch index, with a box over the whole image."""
+    paste = official.statements(V2_SCRIPT, "img_u_s1[cutmix_box1", "img_u_s1[cutmix_box1")
+    index = torch.arange(4.0).view(4, 1, 1, 1).expand(4, 3, 14, 14)
+    everywhere = torch.ones(4, 14, 14)
+    official_partner = paste({"img_u_s1": index.clone(), "cutmix_box1": everywhere})["img_u_s1"][:, 0, 0, 0]
+    torch.manual_seed(0)
+    module = UniMatchV2(num_classes=3, channels_last=False, **TINY_VIT)
+    same_view = lambda images, given, *args, **kwargs: (images, given, torch.ones_like(given, dtype=torch.bool))  # noqa: E731
+    with mock.patch.object(fixmatch_module, "weak_view", same_view), \
+            mock.patch.object(fixmatch_module, "strong_photometric", lambda images, *args, **kwargs: images), \
+            mock.patch.object(fixmatch_module, "cutmix_boxes", lambda *args, **kwargs: everywhere.bool()):
+        suite_partner = module.make_views({"image": index.contiguous()}).strong[0][:, 0, 0, 0]
+    return [same("CutMix partner of images 0..3 in a batch of 4", [int(i) for i in suite_partner],
+                 [int(i) for i in official_partner],
+                 known="i + 1 mod B, where the reference flips the batch (NOTE in unimatch_v2.py)")]
+
+
+def unimatch_v2_ema(official: Official) -> list[Row]:
+    """Six teacher updates: the official statements (unimatch_v2.py:221-226) against `UniMatchV2.update_teacher`."""
+    update = official.statements(V2_SCRIPT, "ema_ratio = min(1 - 1 / (iters + 1)",
+                                 "for buffer, buffer_ema in zip(model.buffers(), model_ema.buffers())")
+    torch.manual_seed(0)
+    module = UniMatchV2(num_classes=3, channels_last=False, **TINY_VIT)
+    teacher = copy.deepcopy(module.teacher)
+    gen = torch.Generator().manual_seed(0)
+    for step in range(6):
+        with torch.no_grad():  # an optimizer step and a forward's BatchNorm statistics
+            for tensor in [*module.student.parameters(), *module.student.buffers()]:
+                tensor.add_(torch.randn(tensor.shape, generator=gen) if tensor.dtype.is_floating_point else 1)
+        update({"model": module.student, "model_ema": teacher, "iters": step})
+        module.update_teacher(step)
+    params = lambda net: torch.cat([p.detach().flatten() for p in net.parameters()])  # noqa: E731
+    buffers = lambda net, floating: torch.cat([b.flatten().double() for b in net.buffers()  # noqa: E731
+                                               if b.dtype.is_floating_point == floating])
+    return [
+        exact("EMA teacher parameters after 6 updates", params(module.teacher), params(teacher), tol=1e-5),
+        exact("EMA teacher BatchNorm statistics after 6 updates", buffers(module.teacher, True), buffers(teacher, True),
+              tol=1e-5),
+        exact("EMA teacher BatchNorm batch counters after 6 updates", buffers(module.teacher, False),
+              buffers(teacher, False), known="integer buffers are copied, the reference averages them as floats "
+                                             "(NOTE in unimatch_v2.py); nothing reads them"),
+    ]
+
+
+def unimatch_v2_rows(official: Official, settings: Settings) -> list[Row]:
+    """LiheYoung/UniMatch-V2: unimatch_v2.py, model/semseg/dpt.py (Complementary Dropout), dataset/transform.py."""
+    rows = guarded("training step", lambda: unimatch_v2_step(official))
+    rows += guarded("CutMix partner", lambda: unimatch_v2_partner(official))
+    rows += guarded("Complementary Dropout", lambda: complementary_dropout_rows(official, settings))
+    rows += guarded("EMA teacher", lambda: unimatch_v2_ema(official))
+    return rows + guarded("CutMix boxes", lambda: cutmix_box_distribution(official, settings))
+
+
 # ---------------------------------------------------------------------------------------- CPS
 CPS_PLAIN, CPS_CUTMIX = "exp.voc/voc8.res50v3+.CPS", "exp.voc/voc8.res50v3+.CPS+CutMix"
 
@@ -1089,6 +1282,7 @@ SECTIONS: dict[str, Section] = {
     "unimatch": Section("LiheYoung/UniMatch", unimatch_rows),
     "c3semiseg": Section("Amandaynzhou/C3-SemiSeg", c3_rows),
     "cps": Section("charlesCXK/TorchSemiSeg", cps_rows),
+    "unimatch_v2": Section("LiheYoung/UniMatch-V2", unimatch_v2_rows),
 }
 
 
