@@ -3,7 +3,6 @@
 No teacher: the model's own prediction on a weakly augmented unlabeled view (no gradient) labels
 a strongly augmented, CutMixed view of it, and only pixels whose confidence reaches a threshold
 count. The unlabeled term is METHODS.md 8 step 5 (`ops.thresholded_ce`); the total is step 6.
-`src.pl_modules.unimatch` adds a second strong view and a feature-perturbed stream.
 """
 
 from __future__ import annotations
@@ -27,10 +26,9 @@ class UnlabeledViews(NamedTuple):
     valid_w: Tensor  # (B, H, W) bool
     strong: list[Tensor]  # each (B, 3, H, W), already CutMixed
     boxes: list[Tensor]  # each (B, H, W) bool, True where the mix source was pasted
-    # mix_source="view": the second weak view (labelled in eval mode), its given labels and valid pixels.
-    mix: Tensor | None
-    given_m: Tensor | None
-    valid_m: Tensor | None
+    mix: Tensor | None  # mix_source="view": the second weak view (labelled in eval mode); else None
+    given_m: Tensor | None  # ... its given labels
+    valid_m: Tensor | None  # ... and valid pixels
 
 
 class FixMatch(SemiSupervisedModule):
@@ -83,8 +81,8 @@ class FixMatch(SemiSupervisedModule):
 
     def unlabeled_loss(self, loss_strong: Tensor, logits_fp: Tensor | None,
                        targets_w: tuple[Tensor, Tensor, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-        """The unlabeled loss and extra logged terms from the strong views' mean term, the third output of
-        `forward_labeled_and_weak` and the weak (pseudo-labels, confidences, valid): here the first alone."""
+        """The unlabeled loss and logged extras from the strong views' mean term, the weak targets and
+        `forward_labeled_and_weak`'s third output (UniMatch's perturbed logits): here that term alone."""
         return loss_strong, {}
 
     @torch.no_grad()
