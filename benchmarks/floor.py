@@ -8,21 +8,20 @@ benchmark builds it through the CLI, from the supervised method's YAML, with
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 from torch import Tensor
 
+from src.losses.c3 import C3Contrast
 from src.losses.reco import REPRESENTATION_STRIDE, pool_to_stride
 from src.networks import projection_head
-from src.pl_modules.c3semiseg import C3SemiSeg
 from src.pl_modules.supervised import Supervised
 from src.pl_modules.timing import StepFloor
 
 # The stride of the decoder features each variant's head reads: ReCo's, and C3-SemiSeg's default.
 HEAD_STRIDES = {
     "head": REPRESENTATION_STRIDE,
-    "c3head": inspect.signature(C3SemiSeg).parameters["embedding_stride"].default,
+    "c3head": C3Contrast().embedding_stride,
 }
 
 

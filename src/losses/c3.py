@@ -8,7 +8,9 @@ Pure tensor functions, usable without Lightning, with no Python loop over images
   pixel contrastive loss (step 6): per (image, class), ``num_views`` anchor pixels, half of them
   mispredicted ("hard"), contrasted across the whole labeled + unlabeled batch;
   `contrastive_from_logits` takes full-size labels and logits to the embedding grid first.
-The ramp-up of both losses is `src.pl_modules.ops.sigmoid_rampup_from`.
+The ramp-up of both losses is `src.pl_modules.ops.sigmoid_rampup_from`. The method's options of each
+part are a small frozen dataclass that checks itself and applies them: `C3Consistency`,
+`C3Thresholds` and `C3Contrast` (``model.init_args.consistency``, ``.thresholds``, ``.contrast``).
 
 How `src.pl_modules.c3semiseg.C3SemiSeg` follows the reference (github.com/Amandaynzhou/C3-SemiSeg):
 - Where METHODS.md 6 and 10 leave room (the README and the released ``scripts/train_ssl.sh``
@@ -18,14 +20,20 @@ How `src.pl_modules.c3semiseg.C3SemiSeg` follows the reference (github.com/Amand
   ``world_size`` units per iteration (trainer/Ctrainer.py:484-490). So the unlabeled phase starts at
   epoch 10 (step 2,250), the consistency ramp-up is 16,000 units (4,000 steps), the contrastive one
   1,000 units (250 steps). configs/c3semiseg.yaml scales them to its shorter run.
-- The consistency loss keeps the reference's extra 1/C (``consistency_class_mean``), so that its
-  weight of 50 means what it means there. Class 0 is an anchor class unless ``exclude_class_zero``:
+- The consistency loss keeps the reference's extra 1/C (``consistency.class_mean``), so that its
+  weight of 50 means what it means there. Class 0 is an anchor class unless ``contrast.exclude_class_zero``:
   the reference's ``x > 0`` filter (road is never an anchor) is treated as a bug by default.
 - Thresholds move at momentum 0.9 from 0.9 (Ctrainer.py:336, 583), on the teacher outputs of every
   rank (Ctrainer.py:335); ranks past the end (``end_percent = 1``) are clamped, and padding pixels of
   the weak view neither count nor pass.
 - The teacher is a hard copy at the unlabeled phase's first step, then an EMA, for the network and
-  the projection head alike (Ctrainer.py:633-647).
+  the projection head alike (Ctrainer.py:633-647): decay ``ema_decay(s, ema_decay)``, s the steps since
+  the phase began (0, the copy, at its first). NOTE: BatchNorm buffers are copied from the student at
+  every update; the reference copies them once (Ctrainer.py:629-631), but its BN is frozen, so they
+  never change there.
+- NOTE: the weak view is a shared rescale-crop and h-flip of the batch (padding ignored), the strong
+  one the weak view with colour jitter at p = 1, without RandAugment (off in the README's config) or
+  the +-10 degree rotation (METHODS.md 6).
 - The head reads the decoder's features average-pooled to ``embedding_stride`` input pixels per cell
   (the reference: layer4 of DeepLabV2, stride 8; 4 suits small crops).
 - Labeled crops follow ``data.photometric`` (the reference: no colour augmentation). Not reproduced:
@@ -34,12 +42,14 @@ How `src.pl_modules.c3semiseg.C3SemiSeg` follows the reference (github.com/Amand
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from src.datasets.base import IGNORE_INDEX
-from src.losses.reco import downsample_nearest
+from src.losses.reco import downsample_nearest, pool_to_stride
 
 BASE_TEMPERATURE = 0.1  # the reference scales its loss by temperature / 0.1
 _LABEL_SLOTS = 256  # label values 0..255 (255 = ignore) get one group slot each per image
@@ -339,3 +349,126 @@ def contrastive_from_logits(
         embeddings, keys, downsample_nearest(labels, size), logits_small.argmax(dim=1), num_views, temperature,
         ignore_index, exclude_class_zero,
     )
+
+
+# ---------------------------------------------------------------------------------------- options
+def _require(ok: bool, option: str, expected: str, value: object) -> None:
+    """Raise a ValueError naming ``model.<option>``, what it expects and what it got, unless ``ok``."""
+    if not ok:
+        raise ValueError(f"model.{option} must be {expected}, got {value}")
+
+
+def _require_non_negative(group: str, **options: float) -> None:
+    for name, value in options.items():
+        _require(value >= 0, f"{group}.{name}", ">= 0", value)
+
+
+@dataclass(frozen=True)
+class C3Consistency:
+    """The soft consistency loss (METHODS.md 6 step 5) and its weight (``model.init_args.consistency``).
+
+    Args:
+        weight: w_con after its ramp-up (0: supervised only).
+        ramp_up_steps: Length of its sigmoid ramp-up, from the unlabeled phase's first step.
+        class_mean: Divide the loss by the number of classes, as the reference (`soft_consistency_loss`).
+    """
+
+    weight: float = 50.0
+    ramp_up_steps: int = 4000
+    class_mean: bool = True
+
+    def __post_init__(self) -> None:
+        _require_non_negative("consistency", weight=self.weight, ramp_up_steps=self.ramp_up_steps)
+
+    def loss(self, logits: Tensor, target_probs: Tensor, kept: Tensor) -> Tensor:
+        """`soft_consistency_loss` with these options."""
+        return soft_consistency_loss(logits, target_probs, kept, self.class_mean)
+
+
+@dataclass(frozen=True)
+class C3Thresholds:
+    """The dynamic class-balanced thresholds that choose the kept pixels (METHODS.md 6 step 4;
+    ``model.init_args.thresholds``). The values are the method's ``class_thresholds`` buffer.
+
+    Args:
+        dynamic_threshold: Keep only pixels above their class's dynamic threshold (else all pixels).
+        end_percent: Fraction of each predicted class's pixels (by confidence) the threshold aims to keep.
+        gamma: Exponent of the threshold in the rank (0: a plain per-class quantile).
+        threshold_momentum: Weight of the old threshold in its running average.
+        initial_threshold: Start value of every class's threshold (0: the first update sets it).
+    """
+
+    dynamic_threshold: bool = True
+    end_percent: float = 0.8
+    gamma: float = 0.0
+    threshold_momentum: float = 0.9
+    initial_threshold: float = 0.9
+
+    def __post_init__(self) -> None:
+        for name in ("end_percent", "threshold_momentum", "initial_threshold"):
+            value = getattr(self, name)
+            _require(0.0 <= value <= 1.0, f"thresholds.{name}", "in [0, 1]", value)
+        _require_non_negative("thresholds", gamma=self.gamma)
+
+    def initial(self, num_classes: int) -> Tensor:
+        """(C,) thresholds before the first update."""
+        return torch.full((num_classes,), float(self.initial_threshold))
+
+    def keep(self, confidences: Tensor, predictions: Tensor, thresholds: Tensor) -> Tensor:
+        """The kept pixels M (bool): `class_balanced_mask`, or every pixel without ``dynamic_threshold``."""
+        if not self.dynamic_threshold:
+            return torch.ones_like(confidences, dtype=torch.bool)
+        return class_balanced_mask(confidences, predictions, thresholds)
+
+    def update_(
+        self, thresholds: Tensor, confidences: Tensor, predictions: Tensor, valid: Tensor | None = None
+    ) -> None:
+        """`update_class_thresholds` with these options, in place."""
+        thresholds.copy_(update_class_thresholds(thresholds, confidences, predictions, self.end_percent,
+                                                 self.gamma, self.threshold_momentum, valid))
+
+
+@dataclass(frozen=True)
+class C3Contrast:
+    """The cross-set pixel contrastive loss (METHODS.md 6 step 6) and its weight (``model.init_args.contrast``).
+
+    Args:
+        weight: w_ctr after its ramp-up (0 turns the loss off).
+        start_step: Its first step (labeled-only before the unlabeled phase).
+        ramp_up_steps: Length of its sigmoid ramp-up.
+        temperature: T.
+        num_views: V (``hard_neg_num``), anchors per (image, class); a class needs more than V pixels of an image.
+        exclude_class_zero: Never use class 0 as an anchor class (the reference's ``x > 0`` filter).
+        embedding_stride: Input pixels per embedding cell: the head reads decoder features pooled to it.
+    """
+
+    weight: float = 0.1
+    start_step: int = 0
+    ramp_up_steps: int = 250
+    temperature: float = 0.15
+    num_views: int = 20
+    exclude_class_zero: bool = False
+    embedding_stride: int = 4
+
+    def __post_init__(self) -> None:
+        _require_non_negative("contrast", weight=self.weight, start_step=self.start_step,
+                              ramp_up_steps=self.ramp_up_steps)
+        _require(self.temperature > 0, "contrast.temperature", "> 0", self.temperature)
+        _require(self.num_views >= 2, "contrast.num_views", ">= 2 (an anchor needs a positive)", self.num_views)
+        _require(self.embedding_stride >= 1, "contrast.embedding_stride", ">= 1", self.embedding_stride)
+
+    def embed(self, head: nn.Module, features: Tensor, input_width: int) -> Tensor:
+        """``head``'s embeddings (N, D, h, w) of decoder features (N, F, H', W') pooled to ``embedding_stride``."""
+        return head(pool_to_stride(features, self.embedding_stride, input_width))
+
+    def loss(
+        self, embeddings: Tensor, keys: Tensor, labels: Tensor, logits: Tensor, ignore_index: int
+    ) -> tuple[Tensor, Tensor]:
+        """`contrastive_from_logits` with these options: ``(loss, anchor rows)``."""
+        return contrastive_from_logits(embeddings, keys, labels, logits, self.num_views, self.temperature,
+                                       ignore_index, self.exclude_class_zero)
+
+
+# A module built in Python keeps these objects in its hyperparameters (one the CLI builds keeps dicts); this lets
+# its checkpoints load with weights_only=True, torch.load's default.
+torch.serialization.add_safe_globals([C3Consistency, C3Thresholds, C3Contrast])

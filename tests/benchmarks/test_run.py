@@ -348,7 +348,7 @@ def test_reco_gets_the_paper_settings_on_real_datasets_only(tmp_path: Path) -> N
     reco_yaml = yaml.safe_load((REPO / "configs" / "reco.yaml").read_text())
     assert reco_yaml["model"]["init_args"]["num_queries"] == 128  # the CPU profile's choice
     c3_yaml = yaml.safe_load((REPO / "configs" / "c3semiseg.yaml").read_text())
-    assert c3_yaml["model"]["init_args"]["consistency_weight"] == 50.0  # the reference's, everywhere
+    assert c3_yaml["model"]["init_args"]["consistency"]["weight"] == 50.0  # the reference's, everywhere
     assert method_args("synthetic", "reco") == method_args("synthetic", "c3semiseg") == ()
     assert method_args("synthetic", "supervised") == method_args("pascal_voc", "supervised") == ()
     for dataset in ("pascal_voc", "cityscapes", "folder"):

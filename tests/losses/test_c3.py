@@ -9,6 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from src.losses.c3 import (
+    C3Consistency,
+    C3Contrast,
+    C3Thresholds,
     class_balanced_mask,
     class_confidence_quantiles,
     cross_set_contrastive_loss,
@@ -191,3 +194,25 @@ def test_cross_set_loss_gradients_and_empty_batch():
     loss, rows = cross_set_contrastive_loss(embeddings, keys, torch.full_like(labels, 255), predictions, 20)
     assert rows.item() == 0 and loss.item() == 0.0
     loss.backward()  # still attached to the graph
+
+
+@pytest.mark.parametrize("build, message", [
+    (lambda: C3Thresholds(end_percent=1.2), "model.thresholds.end_percent must be in [0, 1], got 1.2"),
+    (lambda: C3Thresholds(gamma=-1.0), "model.thresholds.gamma must be >= 0, got -1.0"),
+    (lambda: C3Contrast(num_views=1), "model.contrast.num_views must be >= 2 (an anchor needs a positive), got 1"),
+    (lambda: C3Contrast(temperature=0.0), "model.contrast.temperature must be > 0, got 0.0"),
+    (lambda: C3Consistency(ramp_up_steps=-5), "model.consistency.ramp_up_steps must be >= 0, got -5"),
+])
+def test_option_groups_name_the_bad_option_in_one_line(build, message):
+    with pytest.raises(ValueError) as error:
+        build()
+    assert str(error.value) == message
+
+
+def test_thresholds_keep_every_pixel_when_static_and_update_in_place():
+    static = C3Thresholds(dynamic_threshold=False)
+    assert static.keep(CONFIDENCES, PREDICTIONS, torch.ones(3)).all()
+    thresholds = C3Thresholds(end_percent=0.5, threshold_momentum=0.5).initial(3)
+    expected = update_class_thresholds(thresholds, CONFIDENCES, PREDICTIONS, 0.5, 0.0, 0.5)
+    C3Thresholds(end_percent=0.5, threshold_momentum=0.5).update_(thresholds, CONFIDENCES, PREDICTIONS)
+    assert torch.equal(thresholds, expected) and not torch.equal(thresholds, torch.full((3,), 0.9))
