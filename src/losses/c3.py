@@ -30,7 +30,9 @@ How `src.pl_modules.c3semiseg.C3SemiSeg` follows the reference (github.com/Amand
   the projection head alike (Ctrainer.py:633-647): decay ``ema_decay(s, ema_decay)``, s the steps since
   the phase began (0, the copy, at its first). NOTE: BatchNorm buffers are copied from the student at
   every update; the reference copies them once (Ctrainer.py:629-631), but its BN is frozen, so they
-  never change there.
+  never change there. NOTE: the reference's warm-up is faster: its counter runs one iteration ahead
+  and adds the world size per iteration, so its k-th decay is ``min(1 - 1/((k+1)·ws + 1), 0.99)``
+  (0.99 after about 25 steps on its 4 GPUs, against 99 here; benchmarks/results/parity/c3semiseg.md).
 - NOTE: the weak view is a shared rescale-crop and h-flip of the batch (padding ignored), the strong
   one the weak view with colour jitter at p = 1, without RandAugment (off in the README's config) or
   the +-10 degree rotation (METHODS.md 6).
