@@ -174,7 +174,7 @@ class SemiSupervisedModule(pl.LightningModule, ABC):
         super().__init_subclass__(**kwargs)
         if cls.uses_unlabeled and not callable(getattr(cls, "pseudo_labels", None)):
             raise TypeError(f"{cls.__name__} sets uses_unlabeled but defines no pseudo_labels(images) rule")
-        if cls.eval_scores and cls.score_batch is SemiSupervisedModule.score_batch:
+        if cls.eval_scores and not callable(getattr(cls, "score_batch", None)):
             raise TypeError(f"{cls.__name__} sets eval_scores but defines no score_batch(images, batch_idx)")
 
     def __init__(
@@ -216,16 +216,12 @@ class SemiSupervisedModule(pl.LightningModule, ABC):
         self.ignore_index = ignore_index
         self.class_names = list(class_names) if class_names else [str(c) for c in range(num_classes)]
 
-        self.student = Segmenter(self.output_channels or num_classes, arch, encoder_name, encoder_weights,
-                                 model_options)
+        self.student = self.build_network()
         self.rep_head = (
             RepresentationHead(self.student.feature_channels, representation_dim) if self.uses_representation else None
         )
-        if init_from is not None:
-            load_matching(self.student, init_from)
         self.teacher: Segmenter | None = None
         if channels_last:
-            self.student.to(memory_format=torch.channels_last)
             if self.rep_head is not None:
                 self.rep_head.to(memory_format=torch.channels_last)
         if self.uses_teacher:
@@ -267,6 +263,22 @@ class SemiSupervisedModule(pl.LightningModule, ABC):
         if self.teacher is not None and self.hparams.eval_teacher:
             return self.teacher
         return self.student
+
+    def build_network(self) -> Segmenter:
+        """A network of this module's settings: its arch, encoder and weights, ``init_from`` loaded, channels-last."""
+        hp = self.hparams
+        network = Segmenter(self.output_channels or self.num_classes, hp.arch, hp.encoder_name, hp.encoder_weights,
+                            hp.model_options)
+        if hp.init_from is not None:
+            load_matching(network, hp.init_from)
+        if hp.channels_last:
+            network.to(memory_format=torch.channels_last)
+        return network
+
+    def given_labels(self, unlabeled: dict[str, Tensor]) -> Tensor:
+        """(B, H, W) long labels given with unlabeled images (partial-label mode), else ignore everywhere."""
+        images = unlabeled["image"]
+        return unlabeled.get("mask", torch.full_like(images[:, 0], self.ignore_index, dtype=torch.long))
 
     def set_teacher_mode(self) -> None:
         """Put the teacher in its configured BN mode (Lightning restores module modes after validation)."""
@@ -557,10 +569,6 @@ class SemiSupervisedModule(pl.LightningModule, ABC):
                 similarity = prototype_similarity(sums, counts)
                 figure = relation_figure(similarity, self.class_names, f"step {self.global_step}")
                 self.logger.experiment.add_figure("val/class_relations", figure, self.global_step)
-
-    def score_batch(self, images: Tensor, batch_idx: int) -> tuple[dict[str, Tensor], tuple[Tensor, ...]]:
-        """With ``eval_scores``: each score's mean over the batch, and RGB image rows (B, 3, H, W) for the grid."""
-        raise NotImplementedError
 
     def end_scores(self, stage: str) -> None:
         """Log the means of ``eval_scores`` as ``<stage>/<name>`` and reset them.

@@ -108,7 +108,7 @@ class C3SemiSeg(SemiSupervisedModule):
         """Steps 1 and 4: the ``strong`` view; of the weak one the teacher's ``probs`` and ``embeddings`` (or None),
         the kept pixels ``kept``, their share of the valid ones ``mask_ratio``, and ``shown``, ignore where not kept."""
         images_u, thresholds = unlabeled["image"], self.thresholds
-        given = unlabeled.get("mask", torch.full_like(images_u[:, 0], self.ignore_index, dtype=torch.long))
+        given = self.given_labels(unlabeled)
         with self.phase("mix+aug"):  # NOTE: the strong view has no RandAugment or rotation (`src.losses.c3`)
             weak, given, valid = weak_view(images_u, given, self.scale_range)
             strong = colour_jitter(weak, p=1.0, brightness=0.5, contrast=0.5, saturation=0.5, hue=0.25)

@@ -14,8 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from src.networks import Segmenter
-from src.pl_modules.base import SemiSupervisedModule, check_non_negative, load_matching
+from src.pl_modules.base import SemiSupervisedModule, check_non_negative
 from src.pl_modules.ops import cutmix_boxes, mix_by_mask, weak_view
 from src.pl_modules.timing import StepFloor
 
@@ -65,13 +64,8 @@ class CPS(SemiSupervisedModule):
     def __init__(self, cps_weight: float = 1.5, cutmix: bool = False, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         check_non_negative(cps_weight=cps_weight)
-        hp = self.hparams
-        self.student_b = Segmenter(self.num_classes, hp.arch, hp.encoder_name, hp.encoder_weights, hp.model_options)
-        if hp.init_from is not None:
-            load_matching(self.student_b, hp.init_from)
-        if hp.channels_last:
-            self.student_b.to(memory_format=torch.channels_last)
-        if hp.compile:
+        self.student_b = self.build_network()
+        if self.hparams.compile:
             self.student_b.compile_parts()
         if cutmix:
             self.step_floor = StepFloor(passes=(1, 1, 1, 1), eval_forwards=2)
@@ -112,7 +106,7 @@ class CPS(SemiSupervisedModule):
         unlabeled = batch["unlabeled"]
         images_u = unlabeled["image"]
         with self.phase("mix+aug"):
-            given = unlabeled.get("mask", torch.full_like(images_u[:, 0], self.ignore_index, dtype=torch.long))
+            given = self.given_labels(unlabeled)
             images_u, given, valid = weak_view(images_u, given, self.scale_range)
         networks = (self.student, self.student_b)
         if self.hparams.cutmix:

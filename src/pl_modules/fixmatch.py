@@ -105,7 +105,7 @@ class FixMatch(SemiSupervisedModule):
         with self.phase("mix+aug"):
             images_u = unlabeled["image"]
             batch, _, height, width = images_u.shape
-            given = unlabeled.get("mask", torch.full_like(images_u[:, 0], self.ignore_index, dtype=torch.long))
+            given = self.given_labels(unlabeled)
             weak, given_w, valid_w = weak_view(images_u, given, self.scale_range)
             strong = [strong_photometric(weak) for _ in range(self.num_strong_views)]
             mix = given_m = valid_m = None
