@@ -392,14 +392,18 @@ class Segmenter(nn.Module):
         return logits, features
 
     def forward_features(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        """Logits (B, C, H, W) at input size and decoder features (B, F, h, w) of the padded input.
+        """Logits (B, C, H, W) at input size and decoder features (B, F, h, w) over the input.
 
-        The features keep the decoder's own stride (4 for DeepLabV3+, 1 for U-Net, 2 for a patch-16
-        DPT, 1.75 for a patch-14 one) and cover the padded input.
+        The features keep the decoder's own stride s (4 for DeepLabV3+, 1 for U-Net, 2 for a patch-16
+        DPT, 1.75 for a patch-14 one). Of the padded input's grid they keep the ``ceil(H / s)`` rows and
+        ``ceil(W / s)`` columns that reach into the image, so that labels of the (H, W) input sampled
+        to (h, w) land on the cells they describe (at most one cell's drift, not the padding's).
         """
         x, height, width = self._prepare(images)
         logits, features = self._decode(*self._encode(x), x.shape[-2:])
-        return logits[..., :height, :width], features
+        rows = -(-height * features.shape[-2] // x.shape[-2])
+        cols = -(-width * features.shape[-1] // x.shape[-1])
+        return logits[..., :height, :width], features[..., :rows, :cols]
 
     def forward_perturbed(
         self, images: Tensor, dropout_p: float = 0.5, levels: str = "reference"

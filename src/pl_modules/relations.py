@@ -27,8 +27,8 @@ def prototype_sums(
     representation of each class's valid pixels (lorenmt/reco module_list.py:89), here by the ground
     truth. The representation is the one the ReCo loss sees (`src.losses.reco.reco_from_features`):
     the head on the student's decoder features, pooled to the stride-4 grid, with the masks taken to
-    that grid by nearest sampling. The masks are first padded like the images (`Segmenter` pads the
-    bottom and right to a multiple of its stride), so labels and features cover the same extent.
+    that grid by nearest sampling (`Segmenter.forward_features` keeps the cells over the image, not
+    those over its padding).
 
     Args:
         student: The network whose decoder features the head embeds (in the mode the caller chose).
@@ -42,10 +42,7 @@ def prototype_sums(
         float64 sums (C, D) and long counts (C,), on the images' device.
     """
     _, features = student.forward_features(images)
-    height, width = images.shape[-2:]
-    pad_h, pad_w = -height % student.stride, -width % student.stride
-    rep = rep_head(pool_to_stride(features, REPRESENTATION_STRIDE, width + pad_w))
-    masks = F.pad(masks, (0, pad_w, 0, pad_h), value=ignore_index)
+    rep = rep_head(pool_to_stride(features, REPRESENTATION_STRIDE, images.shape[-1]))
     labels = downsample_nearest(masks, rep.shape[-2:]).reshape(-1)  # (B, h, w) -> (B*h*w,)
     rep = rep.double().permute(0, 2, 3, 1).reshape(-1, rep.shape[1])  # (B, D, h, w) -> (B*h*w, D)
     keep = (labels >= 0) & (labels < num_classes)

@@ -29,9 +29,17 @@ def test_logits_at_input_size_for_any_size(size):
     net = tiny().eval()
     logits, features = net.forward_features(torch.rand(2, 3, *size))
     assert logits.shape == (2, 3, *size)
-    # DeepLabV3+ decoder features: stride 4 of the padded input, feature_channels wide.
-    assert features.shape[:2] == (2, net.feature_channels)
-    assert features.shape[-2] == -(-size[0] // 16) * 16 // 4
+    # DeepLabV3+ decoder features: stride 4, feature_channels wide, only the cells over the image
+    # (the input is padded to a multiple of 16, the padding's cells are cut).
+    assert features.shape == (2, net.feature_channels, -(-size[0] // 4), -(-size[1] // 4))
+
+
+def test_features_line_up_with_the_unpadded_input():
+    # A U-Net decoder has stride 1: each feature pixel is its input pixel, also for an odd size.
+    net = Segmenter(3, arch="Unet", encoder_name="tu-test_resnet", model_options={"decoder_channels": (16,) * 5})
+    image = torch.rand(1, 3, 37, 45)
+    _, features = net.eval().forward_features(image)
+    assert features.shape[-2:] == (37, 45)  # the padded input is 64 x 64
 
 
 def test_unet_features_full_resolution():
@@ -204,8 +212,9 @@ def test_vit_dpt_logits_at_input_size_for_any_size(patch, divisor, size):
     logits, features = net.forward_features(torch.rand(2, 3, *size))
     assert logits.shape == (2, 3, *size)
     assert features.shape[:2] == (2, net.feature_channels) == (2, 16)
-    # The decoder's features are at half the head's output, which is 16 px per token for both patches.
-    assert features.shape[-1] == -(-size[1] // divisor) * divisor // patch * 8
+    # The decoder's features are at half the head's output, which is 16 px per token for both patches:
+    # stride patch / 8, cut to the cells over the image.
+    assert features.shape[-2:] == tuple(-(-side * 8 // patch) for side in size)
 
 
 def test_vit_dpt_matches_smp_own_forward_where_smp_takes_the_input():

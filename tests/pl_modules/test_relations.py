@@ -14,7 +14,8 @@ def test_prototype_sums_match_a_loop_over_pixels():
     torch.manual_seed(0)
     student = Segmenter(3, "DeepLabV3Plus", "tu-test_resnet", model_options={"decoder_channels": 16}).eval()
     head = RepresentationHead(student.feature_channels, 4, hidden_channels=8).eval()
-    # 40 px is not a multiple of the stride (16): the input is padded to 48, a 12x12 representation grid.
+    # 40 px is not a multiple of the stride (16): the input is padded to 48, and the 10x10 cells over
+    # the image make the representation grid.
     images = torch.rand(2, 3, 40, 40)
     masks = torch.randint(0, 3, (2, 40, 40))
     masks[:, :8] = 255
@@ -23,14 +24,13 @@ def test_prototype_sums_match_a_loop_over_pixels():
 
     with torch.no_grad():
         rep = head(student.forward_features(images)[1])  # DeepLabV3+ features are at stride 4 already
-    assert rep.shape[-1] == 12
+    assert rep.shape[-2:] == (10, 10)
     expected_sums = torch.zeros(3, 4, dtype=torch.float64)
     expected_counts = torch.zeros(3, dtype=torch.long)
     for image in range(2):
-        for row in range(12):
-            for col in range(12):
-                y, x = row * 4, col * 4  # the cell's top-left input pixel; the padding (40..47) is unlabelled
-                label = int(masks[image, y, x]) if y < 40 and x < 40 else 255
+        for row in range(10):
+            for col in range(10):
+                label = int(masks[image, row * 4, col * 4])  # the cell's top-left input pixel
                 if label < 3:
                     expected_sums[label] += rep[image, :, row, col].double()
                     expected_counts[label] += 1
