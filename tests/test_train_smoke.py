@@ -2,6 +2,7 @@
 
 import json
 import math
+import warnings
 from pathlib import Path
 
 import pytest
@@ -98,6 +99,15 @@ def test_miou_at_80pct_takes_the_validation_nearest_to_80_percent_of_the_steps()
     assert miou_at_80pct([(10, 1.0), (14, 2.0), (15, 3.0)], 15) == 1.0  # 12 is 2 from both: the earlier
     assert miou_at_80pct([(5, 7.0)], 5) == 7.0
     assert math.isnan(miou_at_80pct([], 1500))
+
+
+def test_args_replace_the_callers_command_line_without_a_warning(tmp_path, monkeypatch):
+    # src.pretrain and benchmarks/run.py call main(args) from processes with their own sys.argv.
+    monkeypatch.setattr("sys.argv", ["pretrain.py", "--arch", "Unet"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        main(smoke_args("supervised", tmp_path), run=False)
+    assert not [w for w in caught if "args parameter" in str(w.message)]
 
 
 def test_named_encoder_weights_come_from_a_prefilled_cache(tmp_path, weights_cache):
