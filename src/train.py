@@ -49,7 +49,9 @@ def quiet_lightning() -> None:
     Its adverts for its cloud products ("Tip: For seamless cloud logging / uploads ..."); torch's
     deprecation of a pytree idiom that Lightning itself still uses; and its warning that the
     module's `on_after_batch_transfer` (which turns the loaders' uint8 images into floats, on
-    purpose) is used although a datamodule is given.
+    purpose) is used although a datamodule is given; and its warning that `main`'s ``args`` and the
+    caller's own command line are both present (benchmarks/run.py and src.pretrain pass ``args``,
+    which replace that command line by design).
     """
     logger = logging.getLogger("pytorch_lightning.utilities.rank_zero")
     if _DROP_ADVERTS not in logger.filters:
@@ -58,6 +60,7 @@ def quiet_lightning() -> None:
     warnings.filterwarnings(
         "ignore", message="You have overridden `on_after_batch_transfer` in `LightningModule` but have passed in a"
     )
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
 
 
 quiet_lightning()
@@ -194,31 +197,27 @@ def _floats(t: torch.Tensor) -> list[float | None]:
 
 def main(args: list[str] | None = None, run: bool = True) -> SemiSegCLI:
     """Build the CLI (and run its subcommand when ``run``); ``args`` replaces ``sys.argv[1:]``."""
-    with warnings.catch_warnings():
-        # Callers that pass ``args`` (benchmarks/run.py, src.pretrain) have their own command line,
-        # which ``args`` replaces by design; Lightning warns whenever it sees both.
-        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
-        return SemiSegCLI(
-            SemiSupervisedModule,
-            SegmentationDataModule,
-            subclass_mode_model=True,
-            subclass_mode_data=True,
-            seed_everything_default=0,
-            save_config_kwargs={"overwrite": True},
-            trainer_defaults={
-                "max_steps": 1500,
-                "val_check_interval": 250,
-                "check_val_every_n_epoch": None,
-                "num_sanity_val_steps": 0,
-                # The datamodule's streams are rank-aware and its eval loaders shard themselves.
-                "use_distributed_sampler": False,
-                "log_every_n_steps": 10,
-            },
-            # Parse errors raise (instead of printing usage and exiting) so `cli_entry` can shorten them.
-            parser_kwargs={"exit_on_error": False},
-            args=args,
-            run=run,
-        )
+    return SemiSegCLI(
+        SemiSupervisedModule,
+        SegmentationDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        seed_everything_default=0,
+        save_config_kwargs={"overwrite": True},
+        trainer_defaults={
+            "max_steps": 1500,
+            "val_check_interval": 250,
+            "check_val_every_n_epoch": None,
+            "num_sanity_val_steps": 0,
+            # The datamodule's streams are rank-aware and its eval loaders shard themselves.
+            "use_distributed_sampler": False,
+            "log_every_n_steps": 10,
+        },
+        # Parse errors raise (instead of printing usage and exiting) so `cli_entry` can shorten them.
+        parser_kwargs={"exit_on_error": False},
+        args=args,
+        run=run,
+    )
 
 
 def one_line(message: str) -> str:

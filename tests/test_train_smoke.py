@@ -106,6 +106,7 @@ def test_args_replace_the_callers_command_line_without_a_warning(tmp_path, monke
     monkeypatch.setattr("sys.argv", ["pretrain.py", "--arch", "Unet"])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
+        quiet_lightning()  # as src.train's import does (pytest drops filters installed while collecting)
         main(smoke_args("supervised", tmp_path), run=False)
     assert not [w for w in caught if "args parameter" in str(w.message)]
 
