@@ -111,10 +111,12 @@ class UniMatchV2(FixMatch):
         """EMA of the parameters and of the floating-point buffers (BatchNorm statistics), decay `ema_decay` (step)."""
         decay = ema_decay(step, self.hparams.ema_decay)
         ema_update(self.teacher, self.student, decay)
-        for buffer_t, buffer_s in zip(self.teacher.buffers(), self.student.buffers()):
-            if buffer_t.is_floating_point():
-                buffer_t.lerp_(buffer_s, 1.0 - decay)
-            else:
+        pairs = list(zip(self.teacher.buffers(), self.student.buffers()))
+        floats = [(t, s) for t, s in pairs if t.is_floating_point()]
+        if floats:  # one fused update, as ema_update's, not one kernel per buffer
+            torch._foreach_lerp_([t for t, _ in floats], [s for _, s in floats], 1.0 - decay)
+        for buffer_t, buffer_s in pairs:
+            if not buffer_t.is_floating_point():
                 buffer_t.copy_(buffer_s)
 
     def forward_labeled_and_weak(self, images_l: Tensor, images_w: Tensor) -> tuple[Tensor, Tensor, None]:
