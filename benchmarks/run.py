@@ -144,6 +144,7 @@ PROTOCOL_SOURCES: dict[str, tuple[str, str]] = {
     "encoder": ("model", "encoder_name"),
     "encoder_weights": ("model", "encoder_weights"),
     "max_steps": ("trainer", "max_steps"),
+    "lr_power": ("model", "lr_power"),
     "precision": ("trainer", "precision"),
 }
 PROTOCOL_COLUMNS = tuple(PROTOCOL_SOURCES)

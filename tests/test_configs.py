@@ -41,3 +41,32 @@ def test_bench_paper_overlay_builds_the_paper_network(tmp_path):
     assert type(cli.model.student.model).__name__ == "DeepLabV3Plus"
     assert cli.model.hparams.encoder_name == "resnet101"
     assert cli.datamodule.hparams.dataset_options["image_size"] == 400
+
+
+def _resolved(path: Path, *keys: str):
+    node = yaml.safe_load(path.read_text())
+    for key in keys:
+        node = node[key]
+    return node
+
+
+@pytest.mark.parametrize("name", sorted(set(METHODS) - {"recon"}))  # recon is a pretraining stage, not a grid row
+def test_method_yaml_shares_supervised_schedule(name):
+    """The embedded grid compares methods under one schedule: steps, validations and the poly decay."""
+    for keys in (("trainer", "max_steps"), ("trainer", "val_check_interval"), ("model", "init_args", "lr_power")):
+        assert _resolved(REPO / "configs" / f"{name}.yaml", *keys) == _resolved(REPO / "configs/supervised.yaml", *keys)
+
+
+@pytest.mark.parametrize(
+    ("method", "overlays", "encoder"),
+    [("reco", ["pascal_voc"], "tu-test_resnet"), ("reco", ["cityscapes"], "tu-test_resnet"),
+     ("unimatch_v2", ["pascal_voc", "pascal_voc_unimatch_v2"], "tu-test_vit")],
+    ids=["pascal_voc", "cityscapes", "pascal_voc_unimatch_v2"],
+)
+def test_paper_overlays_restore_the_references_poly_schedule(method, overlays, encoder, tmp_path):
+    overlays = [config(method)] + [str(REPO / f"configs/data/{name}.yaml") for name in overlays]
+    args = [arg for path in overlays for arg in ("--config", path)] + [
+        "--data.dataset", "synthetic", "--data.dataset_options", "{image_size: 32, num_train: 8}",
+        "--data.train_split", "train", "--data.test_split", "test", "--trainer.default_root_dir", str(tmp_path),
+        "--model.init_args.encoder_weights", "null", "--model.init_args.encoder_name", encoder]
+    assert main(args, run=False).model.hparams.lr_power == 0.9

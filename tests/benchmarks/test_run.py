@@ -70,6 +70,7 @@ def test_grid_runs_skips_finished_and_redoes_a_missing_result(tmp_path: Path) ->
     assert 0.0 <= first["val_miou_last"] <= 100.0 and first["test_miou"] is not None
     assert set(first["val_iou_last"]) == set(first["test_iou"]) and len(first["val_iou_last"]) == 8
     assert first["protocol"]["encoder"] == "tu-test_resnet" and first["protocol"]["max_steps"] == 4
+    assert first["protocol"]["lr_power"] == 1.3  # the method YAML's schedule
     assert first["protocol"]["encoder_weights"] is None and first["protocol"]["split_seed"] == 0
     assert first["protocol"]["dataset"] == "synthetic" and first["protocol"]["crop_size"] == 32
     assert first["git_commit"] and first["peak_rss_bytes"] > 0 and first["wall_time_s"] > 0
@@ -396,7 +397,9 @@ def test_settings_hash_ignores_budget_and_seed_of_a_named_datamodule() -> None:
 def test_protocol_columns_read_the_datamodule_arguments_whether_nested_or_flat() -> None:
     flat = {
         "data": {"dataset": "synthetic", "split_strategy": "balanced", "crop_size": 32, "batch_size_labeled": 2},
-        "model": {"class_path": "src.pl_modules.ReCo", "init_args": {"arch": "Unet", "eval_mode": "whole"}},
+        "model": {
+            "class_path": "src.pl_modules.ReCo", "init_args": {"arch": "Unet", "eval_mode": "whole", "lr_power": 1.3}
+        },
         "trainer": {"max_steps": 4},
     }
     nested = {**flat, "data": {"class_path": "src.datamodules.SemiSupervisedDataModule", "init_args": flat["data"]}}
@@ -404,6 +407,7 @@ def test_protocol_columns_read_the_datamodule_arguments_whether_nested_or_flat()
     assert columns == protocol(flat, None) and tuple(columns) == PROTOCOL_COLUMNS
     assert (columns["dataset"], columns["crop_size"], columns["batch_size_labeled"]) == ("synthetic", 32, 2)
     assert (columns["arch"], columns["max_steps"], columns["split_source"]) == ("Unet", 4, "balanced")
+    assert columns["lr_power"] == 1.3
     assert protocol(nested, {"source": "splits/15.txt"})["split_source"] == "splits/15.txt"
 
 
