@@ -30,7 +30,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from src.datamodules.transforms import eval_transform, labeled_transform
+from src.datamodules.transforms import diagnostic_transform, eval_transform, labeled_transform
 from src.datasets import DATASETS, DatasetError, SegmentationDataset, get_dataset
 from src.datasets.splits import PARTIAL_MODES, partial_mask, partial_rng, select_labeled, write_split
 from src.datasets.views import LabeledView, UnlabeledView, pad_collate, pad_collate_with_valid
@@ -353,17 +353,23 @@ class SegmentationDataModule(pl.LightningDataModule, ABC):
         return list(itertools.islice(with_mask, self.hparams.num_diagnostic_images))
 
     def diagnostic_dataloader(self) -> DataLoader | None:
-        """The diagnostic images, un-augmented (eval transform), with ground truth and ``valid``; None if none.
+        """The diagnostic images, with ground truth and ``valid``; None if none.
 
-        Every rank reads them all; they are read in this process (a few dozen images per validation).
+        Each is its centre crop at the training crop size (`diagnostic_transform`), in whole batches
+        of the unlabeled batch size (the images past the last whole one are left out, unless there
+        are fewer than one batch): what a method labels in training, without the randomness. A
+        train-mode BatchNorm cannot normalise a batch of one. Every rank reads them all; they are
+        read in this process (a few dozen images per validation).
         """
         indices = self.diagnostic_indices()
         if not indices:
             return None
-        view = LabeledView(self.train_set, indices, eval_transform(self.hparams.eval_resize))
+        hp = self.hparams
+        view = LabeledView(self.train_set, indices, diagnostic_transform(hp.crop_size, hp.train_resize))
         return DataLoader(
             view,
-            batch_size=self.hparams.val_batch_size,
+            batch_size=min(hp.batch_size_unlabeled, len(indices)),
+            drop_last=True,
             shuffle=False,
             num_workers=0,
             collate_fn=pad_collate_with_valid,

@@ -1,4 +1,4 @@
-"""Albumentations pipelines by role: labeled training, unlabeled crops, evaluation.
+"""Albumentations pipelines by role: labeled training, unlabeled crops, diagnostic crops, evaluation.
 
 Follows the ReCo protocol (METHODS.md section 1.5): labeled images get random scale,
 pad (image black, label ignore), random crop, colour jitter (p 0.8), Gaussian blur
@@ -15,7 +15,7 @@ import cv2
 from src.datasets.base import IGNORE_INDEX
 
 
-def _pad_and_crop(crop_size: int) -> list[A.BasicTransform]:
+def _pad_and_crop(crop_size: int, crop: type[A.BasicTransform] = A.RandomCrop) -> list[A.BasicTransform]:
     return [
         A.PadIfNeeded(
             min_height=crop_size,
@@ -25,7 +25,7 @@ def _pad_and_crop(crop_size: int) -> list[A.BasicTransform]:
             fill=0,
             fill_mask=IGNORE_INDEX,
         ),
-        A.RandomCrop(crop_size, crop_size),
+        crop(crop_size, crop_size),
     ]
 
 
@@ -67,6 +67,16 @@ def labeled_transform(
 def unlabeled_transform(crop_size: int, resize_to: int | None = None) -> A.Compose:
     """(Resize,) a plain random crop at scale 1 (padded with black / ignore where the image is smaller)."""
     return A.Compose(_resize(resize_to) + _pad_and_crop(crop_size))
+
+
+def diagnostic_transform(crop_size: int, resize_to: int | None = None) -> A.Compose:
+    """`unlabeled_transform` with the crop at the centre: the same crop of an image on every call.
+
+    Pseudo-label diagnostics label these: a teacher whose BatchNorm runs in train mode normalises
+    with its batch's statistics, so it is scored on crops like those it labels in training, not on
+    whole images padded to the largest of their batch.
+    """
+    return A.Compose(_resize(resize_to) + _pad_and_crop(crop_size, A.CenterCrop))
 
 
 def eval_transform(resize_to: int | None = None) -> A.Compose | None:

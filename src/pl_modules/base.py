@@ -448,11 +448,12 @@ class SemiSupervisedModule(pl.LightningModule, ABC):
 
         Returns:
             The scores by name (`diagnostic_scores`; empty without a batch) and, for the image grid,
-            (images, pseudo-labels, confidence mask, ground truth) of the first batch's first
-            ``num_log_images`` images on the CPU (None without a batch).
+            (images, pseudo-labels, confidence mask, ground truth) of the first ``num_log_images``
+            images on the CPU (None without a batch).
         """
         totals: dict[str, Tensor] = {}
-        preview = None
+        shown: list[tuple[Tensor, ...]] = []
+        n = self.hparams.num_log_images
         with training_state_kept(self, self.device):
             for batch in batches:
                 images, targets = batch["image"], batch["mask"]
@@ -463,9 +464,10 @@ class SemiSupervisedModule(pl.LightningModule, ABC):
                 )
                 for name, count in counts.items():
                     totals[name] = totals[name] + count if name in totals else count
-                if preview is None:
-                    n = self.hparams.num_log_images
-                    preview = tuple(t[:n].cpu() for t in (images, pseudo_labels, confidence_mask, targets))
+                room = n - sum(len(rows[0]) for rows in shown)
+                if room > 0:
+                    shown.append(tuple(t[:room].cpu() for t in (images, pseudo_labels, confidence_mask, targets)))
+        preview = tuple(torch.cat(rows) for rows in zip(*shown)) if shown else None  # crops share one size
         return (diagnostic_scores(totals) if totals else {}), preview
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:

@@ -1,7 +1,8 @@
 """Pseudo-label diagnostics: how good are the labels a method trains its student on?
 
 At every validation, a method with an unlabeled loss labels a fixed subset of the unlabeled
-pool that has ground truth (the datamodule's ``num_diagnostic_images``), un-augmented, with its
+pool that has ground truth (the datamodule's ``num_diagnostic_images``; their centre crops at the
+training size, batched as in training, `src.datamodules.transforms.diagnostic_transform`) with its
 own rule (`SemiSupervisedModule.pseudo_labels`). Against the ground truth, which serves nothing
 else, these counts give (logged as ``diag/<name>``):
 

@@ -214,18 +214,35 @@ def test_train_resize_shrinks_images_before_the_crop(tmp_path):
         assert (mask[16:, :] == 255).all() and (mask[:, 16:] == 255).all() and not (mask[:16, :16] == 255).any()
 
 
-def test_diagnostic_images_are_the_first_unlabeled_ones_unaugmented(tmp_path):
-    dm = datamodule(tmp_path, num_diagnostic_images=4, val_batch_size=3)
-    assert dm.diagnostic_indices() == dm.unlabeled_indices[:4]
+def test_diagnostic_images_are_centre_crops_of_the_first_unlabeled_ones_batched_as_in_training(tmp_path):
+    # 32x32 scenes, 24-pixel crops, 3 unlabeled images a step; val_batch_size plays no part.
+    dm = datamodule(tmp_path, num_diagnostic_images=7, val_batch_size=2)
+    assert dm.diagnostic_indices() == dm.unlabeled_indices[:7]
     batches = list(dm.diagnostic_dataloader())
-    assert [b["index"].tolist() for b in batches] == [dm.unlabeled_indices[:3], dm.unlabeled_indices[3:4]]
+    # Whole batches only (the seventh image is left out), unless fewer images than one batch.
+    assert [b["index"].tolist() for b in batches] == [dm.unlabeled_indices[:3], dm.unlabeled_indices[3:6]]
+    few = datamodule(tmp_path, num_diagnostic_images=2).diagnostic_dataloader()
+    assert [b["index"].tolist() for b in few] == [dm.unlabeled_indices[:2]]
     image, mask = dm.train_set[dm.unlabeled_indices[0]]
-    assert torch.equal(batches[0]["image"][0], torch.from_numpy(image).permute(2, 0, 1))  # full size, no augmentation
-    assert torch.equal(batches[0]["mask"][0], torch.from_numpy(mask).long())
+    assert image.shape[:2] == (32, 32)
+    assert torch.equal(batches[0]["image"][0], torch.from_numpy(image[4:28, 4:28]).permute(2, 0, 1))
+    assert torch.equal(batches[0]["mask"][0], torch.from_numpy(mask[4:28, 4:28]).long())
     assert batches[0]["valid"].all()
+    again = next(iter(dm.diagnostic_dataloader()))
+    assert torch.equal(again["image"], batches[0]["image"])  # the same crops at every validation
     assert datamodule(tmp_path, num_diagnostic_images=0).diagnostic_dataloader() is None
     with pytest.raises(ValueError, match="data.num_diagnostic_images"):
         datamodule(tmp_path, num_diagnostic_images=-1)
+
+
+def test_diagnostic_crops_of_small_images_are_padded_as_training_crops_are(tmp_path):
+    dm = datamodule(tmp_path, num_diagnostic_images=1, crop_size=40)
+    batch = next(iter(dm.diagnostic_dataloader()))
+    image, mask = dm.train_set[dm.unlabeled_indices[0]]
+    assert batch["image"].shape[-2:] == (40, 40)
+    assert torch.equal(batch["image"][0, :, :32, :32], torch.from_numpy(image).permute(2, 0, 1))
+    assert (batch["image"][0, :, 32:] == 0).all() and (batch["mask"][0, 32:] == 255).all()
+    assert torch.equal(batch["mask"][0, :32, :32], torch.from_numpy(mask).long())
 
 
 def test_diagnostic_images_are_unlabeled_images_with_ground_truth(tmp_path):
