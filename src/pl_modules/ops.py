@@ -72,6 +72,19 @@ def copy_buffers(target: nn.Module, source: nn.Module) -> None:
         buffer_t.copy_(buffer_s)
 
 
+@torch.no_grad()
+def ema_update_buffers(teacher: nn.Module, student: nn.Module, decay: float) -> None:
+    """`ema_update` for buffers: floating-point ones (BatchNorm statistics) in one fused lerp, the
+    others (``num_batches_tracked``) copied from ``student`` (same architecture)."""
+    pairs = list(zip(teacher.buffers(), student.buffers()))
+    floats = [(t, s) for t, s in pairs if t.is_floating_point()]
+    if floats:
+        torch._foreach_lerp_([t for t, _ in floats], [s for _, s in floats], 1.0 - decay)
+    for buffer_t, buffer_s in pairs:
+        if not buffer_t.is_floating_point():
+            buffer_t.copy_(buffer_s)
+
+
 def sigmoid_rampup(step: float, length: float) -> float:
     """``exp(-5 (1 - clip(step / length, 0, 1))^2)`` (Laine and Aila, 2017); 1 when ``length`` is 0."""
     if length <= 0:

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from src.pl_modules.base import check_fractions, check_non_negative
 from src.pl_modules.fixmatch import FixMatch
-from src.pl_modules.ops import ema_decay, ema_update
+from src.pl_modules.ops import ema_decay, ema_update, ema_update_buffers
 from src.pl_modules.timing import StepFloor
 
 
@@ -111,13 +111,7 @@ class UniMatchV2(FixMatch):
         """EMA of the parameters and of the floating-point buffers (BatchNorm statistics), decay `ema_decay` (step)."""
         decay = ema_decay(step, self.hparams.ema_decay)
         ema_update(self.teacher, self.student, decay)
-        pairs = list(zip(self.teacher.buffers(), self.student.buffers()))
-        floats = [(t, s) for t, s in pairs if t.is_floating_point()]
-        if floats:  # one fused update, as ema_update's, not one kernel per buffer
-            torch._foreach_lerp_([t for t, _ in floats], [s for _, s in floats], 1.0 - decay)
-        for buffer_t, buffer_s in pairs:
-            if not buffer_t.is_floating_point():
-                buffer_t.copy_(buffer_s)
+        ema_update_buffers(self.teacher, self.student, decay)
 
     def forward_labeled_and_weak(self, images_l: Tensor, images_w: Tensor) -> tuple[Tensor, Tensor, None]:
         """The student's labeled logits and the teacher's weak-view logits (``teacher_bn`` mode, no gradient)."""
